@@ -1,0 +1,218 @@
+"""SoupBuilder: ingredients → method → a soup folder that `from_pretrained` loads, with `soup.json` beside it."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import logging
+import os
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .atomic import sha256_file, staged_folder, write_json
+from .checkpoint import CheckpointReader, CheckpointWriter, parse_dtype, weight_files
+from .compat import check_configs, plan_soup
+from .errors import SoupError
+from .merge import stream_merge
+from .methods import get_method
+from .pantry import SKIPPED_FILES, Ingredient, Pantry
+from .recipe import Recipe, load_recipe
+
+logger = logging.getLogger(__name__)
+
+SOUP_FORMAT = 1
+# Files of the first ingredient (or base model) that are not copied into the soup: weights are cooked, and these
+# describe a training run rather than the soup.
+NOT_COPIED = {"README.md", "soup.json", "trainer_state.json", "training_args.bin"}
+
+
+@dataclass
+class Soup:
+    """A cooked soup: its folder and its `soup.json` record."""
+
+    path: Path
+    record: dict[str, Any]
+
+
+class SoupBuilder:
+    """Cook a soup from ingredients with a registered method.
+
+    Args:
+        ingredients (`list` of paths, *optional*): model or adapter folders; or use `pantry` (and `select`).
+        method (`str`, *optional*, defaults to `"uniform"`): a registered method (`hf_soup.methods.list_methods()`).
+        pantry (`str`, *optional*): a pantry folder; all its ingredients, or those whose ids are in `select`.
+        base_model, dtype, max_shard_size, seed, allow_pickle, trust_remote_code: see the recipe reference.
+        **parameters: the method's parameters, e.g. `weights=[0.7, 0.3]` for `"weighted"`.
+
+    Example:
+
+    ```python
+    >>> soup = SoupBuilder(["runs/a/best", "runs/b/best"], method="uniform").cook("soups/uniform")
+    >>> model = AutoModelForSequenceClassification.from_pretrained(soup.path)
+    ```
+    """
+
+    def __init__(self, ingredients: list[str | os.PathLike] | None = None, *, method: str = "uniform", **options):
+        data = {"method": method, **options}
+        if ingredients is not None:
+            data["ingredients"] = [str(path) for path in ingredients]
+        self.recipe = Recipe.from_mapping(data)
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe | str | os.PathLike) -> SoupBuilder:
+        """A builder for a `Recipe` or the path of a recipe YAML file."""
+        builder = cls.__new__(cls)
+        builder.recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+        return builder
+
+    def ingredients(self) -> list[tuple[Ingredient, Path]]:
+        """The recipe's ingredients with their folders, in recipe order (pantry order for a whole pantry)."""
+        recipe = self.recipe
+        if recipe.pantry is not None:
+            if not (recipe.pantry / "pantry.json").is_file():
+                raise SoupError(f"{recipe.pantry} is not a pantry (no pantry.json); give the folder SoupCallback wrote")
+            pantry = Pantry(recipe.pantry)
+            chosen = pantry.list()
+            if recipe.select is not None:
+                chosen = [pantry.get(ingredient_id) for ingredient_id in recipe.select]
+            found = [(ingredient, pantry.location(ingredient)) for ingredient in chosen]
+        else:
+            found = []
+            for folder in recipe.ingredients:
+                if not folder.is_dir():
+                    raise SoupError(f"ingredient {folder} does not exist or is not a folder; check the path")
+                found.append((Ingredient.from_folder(folder), folder))
+        seen: dict[Path, str] = {}
+        for ingredient, folder in found:
+            real = folder.resolve()
+            if real in seen:
+                raise SoupError(
+                    f"ingredient {ingredient.id} is listed twice ({folder}); list each once, and use method: weighted "
+                    "to give one ingredient more weight"
+                )
+            seen[real] = ingredient.id
+        return found
+
+    def cook(self, output: str | os.PathLike | None = None, *, overwrite: bool = False, progress: bool = True) -> Soup:
+        """Check everything, then stream the soup into a staging folder and rename it to `output`.
+
+        Args:
+            output (`str`, *optional*): the soup folder; defaults to the recipe's `output`.
+            overwrite (`bool`, *optional*, defaults to `False`): replace an existing non-empty output folder.
+            progress (`bool`, *optional*, defaults to `True`): show a progress bar.
+        """
+        recipe = self.recipe
+        target = Path(output).absolute() if output is not None else recipe.output
+        if target is None:
+            raise SoupError(f"{recipe.source}: no output folder; set `output:` in the recipe or pass --output DIR")
+        method = get_method(recipe.method)
+        found = self.ingredients()
+        if not found:
+            raise SoupError(f"{recipe.source}: the ingredient list is empty; give at least one model folder")
+        parameters = method.bind(recipe.parameters, len(found))
+        labels = [ingredient.id for ingredient, _ in found]
+        folders = [folder for _, folder in found]
+        check_configs(folders + ([recipe.base_model] if recipe.base_model else []), labels + ["base_model"],
+                      trust_remote_code=recipe.trust_remote_code)
+        dtype = parse_dtype(recipe.dtype) if recipe.dtype else None
+        with contextlib.ExitStack() as stack:
+            readers = [
+                stack.enter_context(CheckpointReader(folder, allow_pickle=recipe.allow_pickle, label=label))
+                for label, folder in zip(labels, folders)
+            ]
+            base = None
+            if recipe.base_model is not None:
+                base = stack.enter_context(
+                    CheckpointReader(recipe.base_model, allow_pickle=recipe.allow_pickle, label="base_model")
+                )
+            plan = plan_soup(readers, dtype=dtype, base=base if method.needs_base else None)
+            hasher = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf_soup-sha256"))
+            digests = hasher.submit(_ingredient_digests, found, recipe.allow_pickle)
+            with staged_folder(target, overwrite=overwrite) as staging:
+                prefix = "adapter_model" if readers[0].files[0].name.startswith("adapter_model") else "model"
+                writer = CheckpointWriter(staging, plan.infos, max_shard_size=recipe.max_shard_size, prefix=prefix)
+                stream_merge(
+                    readers, method, parameters, plan, writer,
+                    base=base if method.needs_base else None, seed=recipe.seed, progress=progress,
+                )
+                files = writer.close()
+                _copy_side_files(recipe.base_model or folders[0], staging, dtype)
+                record = self._record(found, digests.result(), method, parameters, plan.notes, files)
+                write_json(staging / "soup.json", record)
+        logger.info("soup written to %s", target)
+        return Soup(target, record)
+
+    def _record(self, found, digests, method, parameters, notes, files) -> dict[str, Any]:
+        from . import __version__
+
+        mixing = method.mixing(parameters, len(found)) if method.mixing is not None else [None] * len(found)
+        recipe = self.recipe
+        return {
+            "format": SOUP_FORMAT,
+            "hf_soup_version": __version__,
+            "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "method": method.name,
+            "parameters": parameters,
+            "recipe": {"source": recipe.source, **_jsonable(recipe.raw)},
+            "base_model": str(recipe.base_model) if recipe.base_model else None,
+            "dtype": recipe.dtype,
+            "seed": recipe.seed,
+            "ingredients": [
+                {
+                    "id": ingredient.id,
+                    "path": str(folder),
+                    "kind": ingredient.kind,
+                    "weight": weight,
+                    "sha256": digest,
+                    "run": ingredient.run,
+                    "metric": ingredient.metric,
+                    "value": ingredient.value,
+                    "split": ingredient.split,
+                    "hyperparameters": ingredient.hyperparameters,
+                }
+                for (ingredient, folder), digest, weight in zip(found, digests, mixing)
+            ],
+            "notes": notes,
+            "files": sorted(path.name for path in files),
+        }
+
+
+def _ingredient_digests(found: list[tuple[Ingredient, Path]], allow_pickle: bool) -> list[dict[str, str]]:
+    """sha256 of each ingredient's weight files: from the pantry ledger where recorded, else computed."""
+    digests = []
+    for ingredient, folder in found:
+        if ingredient.sha256:
+            digests.append(dict(ingredient.sha256))
+        else:
+            digests.append({path.name: sha256_file(path) for path in weight_files(folder, allow_pickle=allow_pickle)})
+    return digests
+
+
+def _copy_side_files(source: Path, staging: Path, dtype) -> None:
+    """Copy config, generation config and tokenizer files; record a chosen output dtype in the config."""
+    weights = {path.name for path in weight_files(source, allow_pickle=True)}
+    index_names = {"model.safetensors.index.json", "pytorch_model.bin.index.json"}
+    for item in sorted(source.iterdir()):
+        if (
+            item.is_file()
+            and item.name not in weights | index_names | NOT_COPIED
+            and not SKIPPED_FILES.match(item.name)
+            and not (staging / item.name).exists()
+        ):
+            shutil.copy2(item, staging / item.name)
+    config_path = staging / "config.json"
+    if dtype is not None and config_path.is_file():
+        config = json.loads(config_path.read_text())
+        name = str(dtype).removeprefix("torch.")
+        for key in ("dtype", "torch_dtype"):
+            if key in config or key == "dtype":
+                config[key] = name
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))

@@ -1,0 +1,392 @@
+"""Checkpoint I/O: a lazy per-tensor reader over (sharded) weight files and a streaming sharded writer.
+
+The reader opens only headers until a tensor is asked for. The writer knows every tensor's name, shape and dtype up
+front (a *plan*), so it writes each safetensors header first and then each tensor's bytes at their final offset as
+soon as the tensor is ready: no shard is ever held in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import SoupError
+
+SAFE_SINGLE = ("model.safetensors", "adapter_model.safetensors")
+SAFE_INDEX = ("model.safetensors.index.json",)
+PICKLE_SINGLE = ("pytorch_model.bin", "adapter_model.bin")
+PICKLE_INDEX = ("pytorch_model.bin.index.json",)
+
+DTYPE_NAMES: dict[torch.dtype, str] = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+}
+DTYPES_BY_NAME = {name: dtype for dtype, name in DTYPE_NAMES.items()}
+FLOAT_DTYPES = {torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2}
+PICKLE_HINT = (
+    "pickle files can run arbitrary code when loaded, so hf_soup reads safetensors only. Convert once with "
+    "`python -c \"from transformers import AutoModel; AutoModel.from_pretrained('{folder}')"
+    ".save_pretrained('{folder}-safetensors')\"` (AutoModelFor... of your task), or opt in with allow_pickle=True "
+    "(CLI: --allow-pickle; loaded with torch.load(weights_only=True))"
+)
+
+
+def parse_dtype(value: str | torch.dtype) -> torch.dtype:
+    """`"bfloat16"`, `"bf16"`, `"float32"`, ... or a `torch.dtype` → a floating `torch.dtype`."""
+    if isinstance(value, torch.dtype):
+        dtype = value
+    else:
+        aliases = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp64": "float64"}
+        name = aliases.get(str(value).lower().removeprefix("torch."), str(value).lower().removeprefix("torch."))
+        dtype = getattr(torch, name, None)
+        if not isinstance(dtype, torch.dtype) or dtype not in FLOAT_DTYPES:
+            raise SoupError(
+                f"unknown dtype {value!r}; use one of float32, bfloat16, float16, float64 (or fp32, bf16, fp16)"
+            )
+    if dtype not in FLOAT_DTYPES:
+        raise SoupError(f"dtype {dtype} is not a floating dtype; use float32, bfloat16, float16 or float64")
+    return dtype
+
+
+def parse_size(value: int | str) -> int:
+    """`"5GB"`, `"500MiB"`, `1_000_000` → bytes (the `max_shard_size` convention of transformers)."""
+    if isinstance(value, bool):
+        raise SoupError(f"size must be an integer number of bytes or a string like '5GB', not {value!r}")
+    if isinstance(value, int):
+        if value <= 0:
+            raise SoupError(f"size must be positive, got {value}")
+        return value
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", str(value), flags=re.IGNORECASE)
+    if not match:
+        raise SoupError(f"cannot read size {value!r}; write bytes as an integer or like '500MB', '5GB', '2GiB'")
+    number, unit = float(match.group(1)), (match.group(2) or "B").upper()
+    base = 1024 if "I" in unit else 1000
+    power = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit[0]]
+    size = int(number * base**power)
+    if size <= 0:
+        raise SoupError(f"size must be positive, got {value!r}")
+    return size
+
+
+def weight_files(folder: str | os.PathLike, *, allow_pickle: bool = False) -> list[Path]:
+    """The weight files of a model or adapter folder, in shard order.
+
+    Raises `SoupError` when the folder has no weights, when an index names a missing shard, or when only pickle
+    weights exist and `allow_pickle` is False.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise SoupError(f"ingredient {folder} does not exist or is not a folder; give a model or adapter folder")
+    for name in SAFE_SINGLE:
+        if (folder / name).is_file():
+            return [folder / name]
+    for name in SAFE_INDEX:
+        if (folder / name).is_file():
+            return _shards_from_index(folder / name)
+    pickles = [folder / n for n in PICKLE_SINGLE + PICKLE_INDEX if (folder / n).is_file()]
+    if pickles:
+        if not allow_pickle:
+            raise SoupError(f"{pickles[0]} is a pickle checkpoint; " + PICKLE_HINT.format(folder=folder))
+        if pickles[0].name in PICKLE_INDEX:
+            return _shards_from_index(pickles[0])
+        return pickles[:1]
+    found = sorted(p.name for p in folder.iterdir())[:8]
+    raise SoupError(
+        f"no weights in {folder} (found: {', '.join(found) or 'nothing'}); an ingredient folder holds "
+        "model.safetensors, a sharded model.safetensors.index.json, or adapter_model.safetensors"
+    )
+
+
+def _read_index(index: Path) -> dict[str, str]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise SoupError(f"cannot read shard index {index} ({error}); it must be JSON with a 'weight_map'") from None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise SoupError(f"shard index {index} has an empty or malformed 'weight_map'; re-save the checkpoint")
+    return weight_map
+
+
+def _shards_from_index(index: Path) -> list[Path]:
+    weight_map = _read_index(index)
+    shards = sorted(set(weight_map.values()))
+    for shard in shards:
+        path = index.parent / shard
+        if Path(shard).name != shard:
+            raise SoupError(f"shard index {index} names {shard!r}, which is not a file in the same folder")
+        if not path.is_file():
+            raise SoupError(f"shard {shard} named in {index} is missing; the checkpoint is incomplete, copy it again")
+    return [index.parent / shard for shard in shards]
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What a header says about one tensor."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * _itemsize(self.dtype)
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+class CheckpointReader:
+    """Lazy per-tensor access to a checkpoint folder (single file or sharded; safetensors, or pickle on opt-in).
+
+    Only headers are read when it opens; `get(name)` reads one tensor.
+
+    Example:
+
+    ```python
+    >>> with CheckpointReader("runs/a/best") as reader:
+    ...     for info in reader.infos():
+    ...         tensor = reader.get(info.name)
+    ```
+    """
+
+    def __init__(self, folder: str | os.PathLike, *, allow_pickle: bool = False, label: str | None = None):
+        self.folder = Path(folder)
+        self.label = label or str(self.folder)
+        self.files = weight_files(self.folder, allow_pickle=allow_pickle)
+        self._handles: dict[Path, object] = {}
+        self._where: dict[str, Path] = {}
+        self._infos: dict[str, TensorInfo] = {}
+        self._pickled: dict[Path, dict[str, torch.Tensor]] = {}
+        for path in self.files:
+            if path.suffix == ".bin":
+                self._open_pickle(path)
+            else:
+                self._open_safetensors(path)
+        index = next((self.folder / n for n in SAFE_INDEX + PICKLE_INDEX if (self.folder / n).is_file()), None)
+        if index is not None and self.files[0].name not in SAFE_SINGLE + PICKLE_SINGLE:
+            self._check_index(index)
+
+    def _open_safetensors(self, path: Path) -> None:
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            handle = safe_open(str(path), framework="pt", device="cpu")
+        except (SafetensorError, OSError) as error:
+            raise SoupError(
+                f"ingredient {self.label}: {path.name} is not a valid safetensors file ({error}); it is truncated "
+                "or corrupt, copy or save it again"
+            ) from None
+        self._handles[path] = handle
+        for name in handle.keys():
+            if name in self._where:
+                raise SoupError(f"ingredient {self.label}: tensor {name} appears in two shards; re-save the checkpoint")
+            sliced = handle.get_slice(name)
+            dtype_name = sliced.get_dtype()
+            if dtype_name not in DTYPES_BY_NAME:
+                raise SoupError(f"ingredient {self.label}: tensor {name} has dtype {dtype_name}, not supported here")
+            self._where[name] = path
+            self._infos[name] = TensorInfo(name, tuple(sliced.get_shape()), DTYPES_BY_NAME[dtype_name])
+
+    def _open_pickle(self, path: Path) -> None:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as error:  # noqa: BLE001 - torch raises many types for bad pickles
+            raise SoupError(f"ingredient {self.label}: cannot load {path.name} with weights_only=True ({error})") from None
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise SoupError(f"ingredient {self.label}: {path.name} is not a state dict of tensors")
+        self._pickled[path] = state
+        for name, tensor in state.items():
+            self._where[name] = path
+            self._infos[name] = TensorInfo(name, tuple(tensor.shape), tensor.dtype)
+
+    def _check_index(self, index: Path) -> None:
+        weight_map = _read_index(index)
+        for name, shard in weight_map.items():
+            if self._where.get(name) is None or self._where[name].name != shard:
+                raise SoupError(
+                    f"ingredient {self.label}: {index.name} maps tensor {name} to {shard}, which does not hold it; "
+                    "the index and the shards disagree, re-save the checkpoint"
+                )
+        extra = sorted(set(self._where) - set(weight_map))
+        if extra:
+            raise SoupError(
+                f"ingredient {self.label}: shards hold tensors the index does not list ({', '.join(extra[:3])}); "
+                "re-save the checkpoint"
+            )
+
+    def names(self) -> list[str]:
+        """Tensor names in storage order (shard by shard)."""
+        return list(self._infos)
+
+    def infos(self) -> list[TensorInfo]:
+        return list(self._infos.values())
+
+    def info(self, name: str) -> TensorInfo:
+        return self._infos[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._infos
+
+    def get(self, name: str) -> torch.Tensor:
+        """Read one tensor (a fresh CPU tensor the caller may keep)."""
+        path = self._where[name]
+        if path in self._pickled:
+            return self._pickled[path][name].clone()
+        return self._handles[path].get_tensor(name)
+
+    def metadata(self) -> dict[str, str]:
+        """The `__metadata__` of the first safetensors file ({} for pickle)."""
+        first = self._handles.get(self.files[0])
+        return dict(first.metadata() or {}) if first is not None else {}
+
+    def close(self) -> None:
+        for handle in self._handles.values():
+            exit_ = getattr(handle, "__exit__", None)
+            if exit_ is not None:
+                exit_(None, None, None)
+        self._handles.clear()
+        self._pickled.clear()
+
+    def __enter__(self) -> CheckpointReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def plan_shards(infos: Sequence[TensorInfo], max_shard_size: int) -> list[list[TensorInfo]]:
+    """Split tensors, in order, into shards of at most `max_shard_size` bytes (a larger tensor gets its own)."""
+    shards: list[list[TensorInfo]] = [[]]
+    size = 0
+    for info in infos:
+        if shards[-1] and size + info.nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(info)
+        size += info.nbytes
+    return shards
+
+
+class CheckpointWriter:
+    """Write tensors, in plan order, straight into their final place in (sharded) safetensors files.
+
+    Each shard's header is written when the shard is opened, so a tensor's bytes go to disk as soon as it is given;
+    memory use is one tensor. Files are written into `folder`, which should be a staging folder (see
+    `hf_soup.atomic.staged_folder`): the writer itself does not make files appear atomically.
+
+    Example:
+
+    ```python
+    >>> infos = [TensorInfo("w", (2, 2), torch.float32)]
+    >>> with CheckpointWriter(tmp_folder, infos) as writer:
+    ...     writer.write("w", torch.ones(2, 2))
+    ```
+    """
+
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        infos: Iterable[TensorInfo],
+        *,
+        max_shard_size: int | str = "5GB",
+        prefix: str = "model",
+        metadata: dict[str, str] | None = None,
+    ):
+        self.folder = Path(folder)
+        self.infos = list(infos)
+        self.metadata = {"format": "pt", **(metadata or {})}
+        self.shards = plan_shards(self.infos, parse_size(max_shard_size))
+        count = len(self.shards)
+        self.filenames = (
+            [f"{prefix}.safetensors"]
+            if count == 1
+            else [f"{prefix}-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+        )
+        self.index_name = f"{prefix}.safetensors.index.json" if count > 1 else None
+        self._queue = [(shard_no, info) for shard_no, shard in enumerate(self.shards) for info in shard]
+        self._position = 0
+        self._handle = None
+        self._shard_no = -1
+
+    def _open_shard(self, shard_no: int) -> None:
+        if self._handle is not None:
+            self._handle.close()
+        header: dict[str, object] = {"__metadata__": self.metadata}
+        offset = 0
+        for info in self.shards[shard_no]:
+            header[info.name] = {
+                "dtype": DTYPE_NAMES[info.dtype],
+                "shape": list(info.shape),
+                "data_offsets": [offset, offset + info.nbytes],
+            }
+            offset += info.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self._handle = open(self.folder / self.filenames[shard_no], "wb")
+        self._handle.write(len(raw).to_bytes(8, "little"))
+        self._handle.write(raw)
+        self._shard_no = shard_no
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write the next tensor of the plan; its name, shape and dtype must match the plan."""
+        if self._position >= len(self._queue):
+            raise SoupError(f"writer got tensor {name} after the last planned tensor")
+        shard_no, info = self._queue[self._position]
+        if name != info.name or tuple(tensor.shape) != info.shape or tensor.dtype != info.dtype:
+            raise SoupError(
+                f"writer expected {info.name} {list(info.shape)} {info.dtype}, got {name} {list(tensor.shape)} "
+                f"{tensor.dtype}"
+            )
+        if shard_no != self._shard_no:
+            self._open_shard(shard_no)
+        data = tensor.detach().to("cpu").contiguous()
+        if data.numel():
+            self._handle.write(memoryview(data.view(torch.uint8).numpy()))
+        self._position += 1
+
+    def close(self) -> list[Path]:
+        """Finish the files (and the index when sharded); return the written paths."""
+        if self._handle is not None:
+            self._handle.flush()
+            os.fsync(self._handle.fileno())
+            self._handle.close()
+            self._handle = None
+        if self._position != len(self._queue):
+            missing = [info.name for _, info in self._queue[self._position : self._position + 3]]
+            raise SoupError(f"writer closed before every planned tensor was written (next: {', '.join(missing)})")
+        written = [self.folder / name for name in self.filenames]
+        if self.index_name is not None:
+            weight_map = {info.name: self.filenames[no] for no, shard in enumerate(self.shards) for info in shard}
+            total = sum(info.nbytes for info in self.infos)
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (self.folder / self.index_name).write_text(json.dumps(index, indent=2) + "\n")
+            written.append(self.folder / self.index_name)
+        return written
+
+    def __enter__(self) -> CheckpointWriter:
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            self.close()
+        elif self._handle is not None:
+            self._handle.close()
+            self._handle = None

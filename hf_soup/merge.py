@@ -1,0 +1,119 @@
+"""The streaming merge engine: for each tensor name, read it from every ingredient, apply the method, write it.
+
+The engine owns what methods must not care about: I/O, dtypes (inputs to fp32, output in the planned dtype),
+non-floating tensors (copied, checked equal), finiteness, seeds and progress. Peak memory is about
+(k + 3) × the largest tensor: k inputs, the output, its cast, and one tensor being written by the writer thread.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import zlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from .checkpoint import FLOAT_DTYPES, CheckpointReader, CheckpointWriter
+from .compat import Plan
+from .errors import SoupError
+from .methods import Method
+
+
+def tensor_generator(seed: int, name: str) -> torch.Generator:
+    """A generator seeded by `seed` and the tensor name: the same soup whatever the order of tensors."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
+
+
+class _BackgroundWriter:
+    """Hand tensors to a `CheckpointWriter` on a thread, so disk writes overlap the next tensor's reads."""
+
+    def __init__(self, writer: CheckpointWriter, depth: int = 1):
+        self.writer = writer
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="hf_soup-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if self.error is None:
+                try:
+                    self.writer.write(*item)
+                except BaseException as error:  # noqa: BLE001 - re-raised in the caller's thread
+                    self.error = error
+
+    def put(self, name: str, tensor: torch.Tensor) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put((name, tensor))
+
+    def finish(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
+def merge_tensor(
+    name: str,
+    readers: Sequence[CheckpointReader],
+    method: Method,
+    parameters: Mapping[str, Any],
+    *,
+    base: CheckpointReader | None = None,
+    seed: int = 0,
+) -> torch.Tensor:
+    """Merge one tensor name across ingredients; returns fp32 for floating tensors, the shared value otherwise."""
+    first = readers[0]
+    if first.info(name).dtype not in FLOAT_DTYPES:
+        value = first.get(name)
+        for reader in readers[1:]:
+            if not torch.equal(value, reader.get(name)):
+                raise SoupError(
+                    f"ingredient {reader.label}: non-floating tensor {name} differs from {first.label}; integer "
+                    "and boolean tensors (buffers, ids) cannot be averaged and must be equal in every ingredient"
+                )
+        return value
+    tensors = [reader.get(name).float() for reader in readers]
+    context: dict[str, Any] = {}
+    if "base" in method.context:
+        context["base"] = base.get(name).float()
+    if "generator" in method.context:
+        context["generator"] = tensor_generator(seed, name)
+    out = method.function(tensors, **parameters, **context)
+    if not torch.isfinite(out).all():
+        for reader, tensor in zip(readers, tensors):
+            if not torch.isfinite(tensor).all():
+                raise SoupError(
+                    f"ingredient {reader.label}: tensor {name} holds NaN or Inf; that run diverged, leave it out"
+                )
+        raise SoupError(f"method {method.name!r} produced NaN or Inf for tensor {name}; check its parameters")
+    return out
+
+
+def stream_merge(
+    readers: Sequence[CheckpointReader],
+    method: Method,
+    parameters: Mapping[str, Any],
+    plan: Plan,
+    writer: CheckpointWriter,
+    *,
+    base: CheckpointReader | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> None:
+    """Merge every planned tensor and hand it to `writer` (in plan order), writing on a background thread."""
+    from tqdm.auto import tqdm
+
+    total = sum(info.nbytes for info in plan.infos)
+    background = _BackgroundWriter(writer)
+    try:
+        with tqdm(total=total, unit="B", unit_scale=True, desc=f"cooking {method.name}", disable=not progress) as bar:
+            for info in plan.infos:
+                out = merge_tensor(info.name, readers, method, parameters, base=base, seed=seed)
+                background.put(info.name, out.to(info.dtype))
+                bar.update(info.nbytes)
+    finally:
+        background.finish()

@@ -1,0 +1,381 @@
+"""The pantry: a folder of ingredients and `pantry.json`, the ledger of what each ingredient is.
+
+Layout::
+
+    pantry/
+      pantry.json            {"format": 1, "ingredients": [ {record}, ... ]}
+      .pantry.lock           file lock: several processes may add at once
+      ingredients/<id>/      config, weights, tokenizer files of one ingredient
+
+Adding copies (or hard-links) the files into a staging folder first, hashes them, and only then, under the lock,
+renames the folder into place and appends the record with an atomic rewrite of `pantry.json`. A crash leaves
+either a complete entry or a staging folder that `Pantry.verify` reports and `Pantry.repair` removes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock
+
+from .atomic import fsync_folder, sha256_file, write_json
+from .checkpoint import weight_files
+from .errors import SoupError
+
+FORMAT = 1
+LEDGER = "pantry.json"
+LOCK = ".pantry.lock"
+INGREDIENTS = "ingredients"
+STAGING = ".staging-"
+KINDS = ("full", "adapter")
+# Training state that never belongs in an ingredient (optimizer moments are 2x the model; training_args is a pickle).
+SKIPPED_FILES = re.compile(r"^(optimizer\.pt|scheduler\.pt|scaler\.pt|rng_state.*\.pth|training_args\.bin|.*\.lock)$")
+# Config keys that differ between fine-tunes of one base without making them different models.
+VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "_commit_hash", "architectures"}
+
+
+def config_hash(folder: str | os.PathLike) -> str | None:
+    """A short hash of `config.json` (or `adapter_config.json`) without the keys that fine-tuning changes.
+
+    Two ingredients from one base have the same hash; `None` when the folder has no config.
+    """
+    folder = Path(folder)
+    for name in ("config.json", "adapter_config.json"):
+        if (folder / name).is_file():
+            try:
+                config = json.loads((folder / name).read_text())
+            except ValueError as error:
+                raise SoupError(f"{folder / name} is not valid JSON ({error}); save the model again") from None
+            kept = {k: v for k, v in config.items() if k not in VOLATILE_CONFIG_KEYS}
+            return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
+    return None
+
+
+def detect_kind(folder: str | os.PathLike) -> str:
+    """`"adapter"` for a peft adapter folder, `"full"` for a Transformers model folder."""
+    return "adapter" if (Path(folder) / "adapter_config.json").is_file() else "full"
+
+
+@dataclass
+class Ingredient:
+    """One fine-tuned checkpoint and what is known about it.
+
+    Args:
+        id (`str`): unique within its pantry (for a loose folder: the folder name).
+        path (`str`): folder relative to the pantry root (absolute for a loose folder).
+        kind (`str`): `"full"` (Transformers model folder) or `"adapter"` (peft adapter folder).
+        sha256 (`dict[str, str]`): weight file name → hex sha256.
+        metric (`str`, *optional*): name of the metric the run was selected by, e.g. `"eval_accuracy"`.
+        value (`float`, *optional*): its value at this checkpoint.
+        greater_is_better (`bool`, *optional*): direction of `metric`.
+        split (`str`, *optional*): the evaluation split `value` was measured on.
+        step (`int`, *optional*): global step of the checkpoint.
+        run (`str`, *optional*): run name.
+        hyperparameters (`dict`): what made this run differ (learning rate, seed, ...).
+        tags (`dict`): user tags.
+        base_model (`str`, *optional*), base_revision (`str`, *optional*): what it was fine-tuned from.
+        config_hash (`str`, *optional*): see `config_hash`.
+        size (`int`): bytes of weights.
+        created_at (`str`): ISO 8601 UTC.
+    """
+
+    id: str
+    path: str
+    kind: str = "full"
+    sha256: dict[str, str] = field(default_factory=dict)
+    metric: str | None = None
+    value: float | None = None
+    greater_is_better: bool | None = None
+    split: str | None = None
+    step: int | None = None
+    run: str | None = None
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
+    tags: dict[str, Any] = field(default_factory=dict)
+    base_model: str | None = None
+    base_revision: str | None = None
+    config_hash: str | None = None
+    size: int = 0
+    created_at: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, source: str = LEDGER) -> Ingredient:
+        if not isinstance(data, Mapping):
+            raise SoupError(f"{source}: an ingredient record must be a mapping, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise SoupError(
+                f"{source}: unknown field(s) {', '.join(unknown)} in ingredient {data.get('id')!r}; "
+                f"known fields: {', '.join(sorted(known))}"
+            )
+        for required in ("id", "path"):
+            if not isinstance(data.get(required), str) or not data.get(required):
+                raise SoupError(f"{source}: an ingredient record lacks a string {required!r}: {dict(data)}")
+        if data.get("kind", "full") not in KINDS:
+            raise SoupError(f"{source}: ingredient {data['id']} has kind {data.get('kind')!r}; allowed: {KINDS}")
+        return cls(**dict(data))
+
+    @classmethod
+    def from_folder(cls, folder: str | os.PathLike) -> Ingredient:
+        """A loose ingredient (not in a pantry): a model or adapter folder given by path."""
+        folder = Path(folder).absolute()
+        return cls(id=folder.name, path=str(folder), kind=detect_kind(folder), config_hash=config_hash(folder))
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.")[:60] or "ingredient"
+
+
+def _copy_or_link(source: Path, target: Path, link: str) -> None:
+    if link in ("auto", "hardlink"):
+        try:
+            os.link(source, target)
+            return
+        except OSError:
+            if link == "hardlink":
+                raise
+    shutil.copy2(source, target)
+
+
+class Pantry:
+    """A folder of ingredients with a `pantry.json` ledger; safe for several processes at once.
+
+    Example:
+
+    ```python
+    >>> pantry = Pantry("pantry")
+    >>> ingredient = pantry.add("runs/lr3e-5/checkpoint-400", metric="eval_accuracy", value=0.91, run="lr3e-5")
+    >>> [i.id for i in pantry.list()]
+    ['lr3e-5-400']
+    ```
+    """
+
+    def __init__(self, root: str | os.PathLike, *, lock_timeout: float = 600):
+        self.root = Path(root).absolute()
+        self.lock_timeout = lock_timeout
+        if self.root.exists() and not self.root.is_dir():
+            raise SoupError(f"pantry {self.root} exists and is not a folder; choose a folder path for the pantry")
+
+    @property
+    def ledger(self) -> Path:
+        return self.root / LEDGER
+
+    # -- reading -------------------------------------------------------------------------------------------------
+    def _read(self) -> list[Ingredient]:
+        if not self.ledger.is_file():
+            return []
+        try:
+            data = json.loads(self.ledger.read_text())
+        except (OSError, ValueError) as error:
+            raise SoupError(
+                f"{self.ledger} is not valid JSON ({error}); restore it from a backup, or run `hf-soup pantry verify "
+                f"{self.root}` to see which ingredient folders are present"
+            ) from None
+        if not isinstance(data, dict) or not isinstance(data.get("ingredients"), list):
+            raise SoupError(f"{self.ledger} must be a mapping with 'format' and an 'ingredients' list")
+        version = data.get("format")
+        if not isinstance(version, int) or version < 1:
+            raise SoupError(f"{self.ledger} has format {version!r}; expected an integer format (this hf_soup: 1)")
+        if version > FORMAT:
+            raise SoupError(
+                f"{self.ledger} has format {version}, newer than this hf_soup understands ({FORMAT}); "
+                "upgrade hf_soup (pip install -U hf_soup)"
+            )
+        ingredients = [Ingredient.from_dict(item, source=str(self.ledger)) for item in data["ingredients"]]
+        ids = [i.id for i in ingredients]
+        duplicated = sorted({i for i in ids if ids.count(i) > 1})
+        if duplicated:
+            raise SoupError(f"{self.ledger} lists ingredient id(s) twice: {', '.join(duplicated)}; remove one by hand")
+        return ingredients
+
+    def list(self) -> list[Ingredient]:
+        """Every ingredient, in the order they were added."""
+        return self._read()
+
+    def get(self, ingredient_id: str) -> Ingredient:
+        ingredients = self._read()
+        for ingredient in ingredients:
+            if ingredient.id == ingredient_id:
+                return ingredient
+        known = ", ".join(i.id for i in ingredients) or "none"
+        raise SoupError(f"pantry {self.root} has no ingredient {ingredient_id!r}; it has: {known}")
+
+    def location(self, ingredient: Ingredient | str) -> Path:
+        """The absolute folder of an ingredient, confined to the pantry (a path escaping it is refused)."""
+        if isinstance(ingredient, str):
+            ingredient = self.get(ingredient)
+        folder = (self.root / ingredient.path).resolve()
+        if not folder.is_relative_to(self.root.resolve()):
+            raise SoupError(
+                f"{self.ledger}: ingredient {ingredient.id} has path {ingredient.path!r}, which leads outside the "
+                "pantry; pantry paths must stay inside it"
+            )
+        return folder
+
+    # -- writing -------------------------------------------------------------------------------------------------
+    def _lock(self) -> FileLock:
+        self.root.mkdir(parents=True, exist_ok=True)
+        return FileLock(str(self.root / LOCK), timeout=self.lock_timeout)
+
+    def _write(self, ingredients: Iterable[Ingredient]) -> None:
+        write_json(self.ledger, {"format": FORMAT, "ingredients": [i.to_dict() for i in ingredients]})
+
+    def check_writable(self) -> None:
+        """Raise a clear error now if the pantry cannot be created or written (before hours of training)."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe = self.root / f".write-probe-{uuid.uuid4().hex[:8]}"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as error:
+            raise SoupError(
+                f"pantry {self.root} is not writable ({error.strerror or error}); choose a folder you can write to"
+            ) from None
+        self._read()
+
+    def add(
+        self,
+        source: str | os.PathLike,
+        *,
+        metric: str | None = None,
+        value: float | None = None,
+        greater_is_better: bool | None = None,
+        split: str | None = None,
+        step: int | None = None,
+        run: str | None = None,
+        hyperparameters: Mapping[str, Any] | None = None,
+        tags: Mapping[str, Any] | None = None,
+        base_model: str | None = None,
+        base_revision: str | None = None,
+        ingredient_id: str | None = None,
+        link: str = "auto",
+    ) -> Ingredient:
+        """Copy a model or adapter folder into the pantry and record it.
+
+        Args:
+            source (`str` or `os.PathLike`): a model folder (config + safetensors) or a peft adapter folder.
+            link (`str`, *optional*, defaults to `"auto"`): `"auto"` hard-links files where the file system allows and
+                copies otherwise; `"copy"` always copies; `"hardlink"` fails where it cannot link.
+            ingredient_id (`str`, *optional*): the id; defaults to `<run>-<step>` (made unique).
+            Other arguments are recorded as given (see `Ingredient`).
+
+        Returns:
+            The recorded `Ingredient`.
+        """
+        if link not in ("auto", "copy", "hardlink"):
+            raise SoupError(f"link must be 'auto', 'copy' or 'hardlink', got {link!r}")
+        source = Path(source).absolute()
+        weights = weight_files(source)
+        self.check_writable()
+        staging = self.root / f"{STAGING}{uuid.uuid4().hex[:12]}"
+        staging.mkdir()
+        try:
+            sha256 = {}
+            size = 0
+            for item in sorted(source.iterdir()):
+                if not item.is_file() or SKIPPED_FILES.match(item.name):
+                    continue
+                _copy_or_link(item, staging / item.name, link)
+                if item in weights:
+                    sha256[item.name] = sha256_file(staging / item.name)
+                    size += item.stat().st_size
+            record = Ingredient(
+                id="",
+                path="",
+                kind=detect_kind(source),
+                sha256=sha256,
+                metric=metric,
+                value=None if value is None else float(value),
+                greater_is_better=greater_is_better,
+                split=split,
+                step=step,
+                run=run,
+                hyperparameters=dict(hyperparameters or {}),
+                tags=dict(tags or {}),
+                base_model=base_model,
+                base_revision=base_revision,
+                config_hash=config_hash(source),
+                size=size,
+                created_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            )
+            json.dumps(record.to_dict())  # fail now, not at write time, on values JSON cannot hold
+            fsync_folder(staging)
+            with self._lock():
+                ingredients = self._read()
+                wanted = ingredient_id or (f"{run or source.name}-{step}" if step is not None else run or source.name)
+                record.id = self._new_id(wanted, ingredients, explicit=ingredient_id)
+                record.path = f"{INGREDIENTS}/{record.id}"
+                (self.root / INGREDIENTS).mkdir(exist_ok=True)
+                os.rename(staging, self.root / record.path)
+                fsync_folder(self.root / INGREDIENTS)
+                self._write([*ingredients, record])
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return record
+
+    def _new_id(self, wanted: str, ingredients: list[Ingredient], *, explicit: str | None) -> str:
+        taken = {i.id for i in ingredients} | {p.name for p in (self.root / INGREDIENTS).glob("*")}
+        base = _slug(wanted)
+        if explicit is not None:
+            if base != explicit:
+                raise SoupError(f"ingredient id {explicit!r} may hold only letters, digits, '.', '_' and '-'")
+            if base in taken:
+                raise SoupError(f"pantry {self.root} already has an ingredient {explicit!r}; choose another id")
+            return base
+        candidate, n = base, 2
+        while candidate in taken:
+            candidate, n = f"{base}-{n}", n + 1
+        return candidate
+
+    def remove(self, ingredient_id: str) -> Ingredient:
+        """Remove one ingredient: its record first (atomically), then its folder."""
+        with self._lock():
+            ingredients = self._read()
+            kept = [i for i in ingredients if i.id != ingredient_id]
+            if len(kept) == len(ingredients):
+                known = ", ".join(i.id for i in ingredients) or "none"
+                raise SoupError(f"pantry {self.root} has no ingredient {ingredient_id!r}; it has: {known}")
+            removed = next(i for i in ingredients if i.id == ingredient_id)
+            folder = self.location(removed)
+            self._write(kept)
+        shutil.rmtree(folder, ignore_errors=True)
+        return removed
+
+    # -- checking ------------------------------------------------------------------------------------------------
+    def verify(self) -> list[str]:
+        """Check every recorded file's sha256 and report strays; returns the problems (empty when all is well)."""
+        problems = []
+        ingredients = self._read()
+        for ingredient in ingredients:
+            folder = self.location(ingredient)
+            if not folder.is_dir():
+                problems.append(f"{ingredient.id}: folder {ingredient.path} is missing")
+                continue
+            for name, digest in ingredient.sha256.items():
+                path = folder / name
+                if not path.is_file():
+                    problems.append(f"{ingredient.id}: {name} is missing")
+                elif sha256_file(path) != digest:
+                    problems.append(f"{ingredient.id}: {name} does not match its sha256 (changed or corrupt)")
+        claimed = {Path(i.path).name for i in ingredients}
+        for folder in sorted((self.root / INGREDIENTS).glob("*")):
+            if folder.name not in claimed:
+                problems.append(f"stray folder {INGREDIENTS}/{folder.name} is claimed by no entry")
+        for folder in sorted(self.root.glob(f"{STAGING}*")):
+            problems.append(f"unfinished add {folder.name} (an interrupted copy)")
+        return problems

@@ -1,0 +1,155 @@
+"""Recipes: a YAML mapping (or Python keyword arguments) → a validated `Recipe`, before any tensor is read.
+
+```yaml
+method: weighted                      # a registered method: `hf-soup methods` lists them
+ingredients: [runs/a/best, runs/b/best]
+weights: [0.7, 0.3]                   # the method's own parameters sit at the top level
+dtype: bfloat16
+output: soups/weighted
+```
+
+Relative paths in a recipe file are resolved against the folder of that file.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import parse_dtype, parse_size
+from .errors import SoupError
+from .methods import get_method
+
+# key → (meaning, type check description); the method's parameters are accepted beside these.
+RECIPE_KEYS = {
+    "method": "the merge method (see `hf-soup methods`)",
+    "ingredients": "list of model or adapter folders",
+    "pantry": "a pantry folder whose ingredients are used (all, or those in `select`)",
+    "select": "ingredient ids of the pantry to use",
+    "base_model": "folder of the model the ingredients were fine-tuned from (methods that need it; files copied from it)",
+    "dtype": "output dtype of floating tensors: float32, bfloat16, float16 (default: the ingredients')",
+    "output": "folder to write the soup to (the CLI's --output wins)",
+    "max_shard_size": "largest weight file, e.g. '5GB' (default 5GB)",
+    "seed": "seed of the methods that draw random numbers (default 0)",
+    "allow_pickle": "read pickle (.bin) ingredients with torch.load(weights_only=True) (default false)",
+    "trust_remote_code": "accept configs with custom code (auto_map) (default false)",
+}
+
+
+@dataclass
+class Recipe:
+    """A validated recipe. Build it with `Recipe.from_mapping` or `load_recipe`, not field by field."""
+
+    method: str
+    ingredients: list[Path] = field(default_factory=list)
+    pantry: Path | None = None
+    select: list[str] | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+    base_model: Path | None = None
+    dtype: str | None = None
+    output: Path | None = None
+    max_shard_size: int | str = "5GB"
+    seed: int = 0
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+    source: str = "<python>"
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_mapping(cls, data: Any, *, base_dir: str | os.PathLike | None = None, source: str = "<python>") -> Recipe:
+        """Validate a recipe mapping; relative paths are resolved against `base_dir` (default: the working folder)."""
+        if not isinstance(data, Mapping):
+            raise SoupError(f"{source}: a recipe must be a mapping of keys to values, got {type(data).__name__}")
+        base = Path(base_dir) if base_dir is not None else Path.cwd()
+        if "method" not in data:
+            raise SoupError(f"{source}: the recipe needs `method:` (e.g. method: uniform)")
+        method = get_method(_typed(data, "method", str, source))
+        recipe_keys = set(RECIPE_KEYS)
+        parameters = {key: value for key, value in data.items() if key not in recipe_keys}
+        unknown = [key for key in parameters if key not in method.parameters]
+        if unknown:
+            accepted = ", ".join(method.parameters) or "none"
+            raise SoupError(
+                f"{source}: unknown key {unknown[0]!r}; recipe keys: {', '.join(RECIPE_KEYS)}; parameters of method "
+                f"{method.name!r}: {accepted}"
+            )
+
+        def path_of(key: str) -> Path | None:
+            value = _typed(data, key, str, source)
+            return None if value is None else (base / value).absolute()
+
+        ingredients = _typed(data, "ingredients", list, source)
+        if ingredients is not None:
+            for i, item in enumerate(ingredients):
+                if not isinstance(item, str) or not item:
+                    raise SoupError(f"{source}: ingredients[{i}] must be a folder path (string), got {item!r}")
+        pantry = path_of("pantry")
+        select = _typed(data, "select", list, source)
+        if ingredients is not None and pantry is not None:
+            raise SoupError(f"{source}: give either `ingredients:` or `pantry:` (with optional `select:`), not both")
+        if ingredients is None and pantry is None:
+            raise SoupError(f"{source}: say what goes in the soup: `ingredients: [folder, ...]` or `pantry: DIR`")
+        if select is not None:
+            if pantry is None:
+                raise SoupError(f"{source}: `select:` picks ingredient ids of a pantry; add `pantry: DIR`")
+            if not select or not all(isinstance(i, str) for i in select):
+                raise SoupError(f"{source}: `select:` must be a non-empty list of ingredient ids (strings)")
+        dtype = _typed(data, "dtype", str, source)
+        if dtype is not None:
+            parse_dtype(dtype)
+        max_shard_size = data.get("max_shard_size", "5GB")
+        if not isinstance(max_shard_size, (int, str)) or isinstance(max_shard_size, bool):
+            raise SoupError(f"{source}: max_shard_size must be bytes or a size like '5GB', got {max_shard_size!r}")
+        parse_size(max_shard_size)
+        seed = _typed(data, "seed", int, source)
+        recipe = cls(
+            method=method.name,
+            ingredients=[(base / item).absolute() for item in ingredients or []],
+            pantry=pantry,
+            select=select,
+            parameters=parameters,
+            base_model=path_of("base_model"),
+            dtype=dtype,
+            output=path_of("output"),
+            max_shard_size=max_shard_size,
+            seed=0 if seed is None else seed,
+            allow_pickle=bool(_typed(data, "allow_pickle", bool, source)),
+            trust_remote_code=bool(_typed(data, "trust_remote_code", bool, source)),
+            source=source,
+            raw=dict(data),
+        )
+        if method.needs_base and recipe.base_model is None:
+            raise SoupError(f"{source}: method {method.name!r} needs `base_model:` (the folder fine-tuning started from)")
+        return recipe
+
+
+def _typed(data: Mapping[str, Any], key: str, kind: type, source: str) -> Any:
+    value = data.get(key)
+    if value is None:
+        return None
+    if kind is int and isinstance(value, bool) or not isinstance(value, kind):
+        raise SoupError(
+            f"{source}: `{key}` must be a {kind.__name__}, got {type(value).__name__} {value!r} ({RECIPE_KEYS[key]})"
+        )
+    return value
+
+
+def load_recipe(path: str | os.PathLike) -> Recipe:
+    """Read and validate a recipe YAML file."""
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise SoupError(f"cannot read recipe {path}: {error.strerror or error}; give the path of a YAML file") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        where = getattr(error, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where is not None else ""
+        raise SoupError(f"recipe {path} is not valid YAML{line}: {getattr(error, 'problem', error)}") from None
+    return Recipe.from_mapping(data, base_dir=path.absolute().parent, source=str(path))
