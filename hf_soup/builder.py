@@ -74,7 +74,9 @@ class SoupBuilder:
         recipe = self.recipe
         if recipe.pantry is not None:
             if not (recipe.pantry / "pantry.json").is_file():
-                raise SoupError(f"{recipe.pantry} is not a pantry (no pantry.json); give the folder SoupCallback wrote")
+                raise SoupError(
+                    f"{recipe.pantry} is not a pantry (no pantry.json); give the folder SoupCallback wrote"
+                )
             pantry = Pantry(recipe.pantry)
             chosen = pantry.list()
             if recipe.select is not None:
@@ -116,8 +118,11 @@ class SoupBuilder:
         parameters = method.bind(recipe.parameters, len(found))
         labels = [ingredient.id for ingredient, _ in found]
         folders = [folder for _, folder in found]
-        check_configs(folders + ([recipe.base_model] if recipe.base_model else []), labels + ["base_model"],
-                      trust_remote_code=recipe.trust_remote_code)
+        check_configs(
+            folders + ([recipe.base_model] if recipe.base_model else []),
+            labels + ["base_model"],
+            trust_remote_code=recipe.trust_remote_code,
+        )
         dtype = parse_dtype(recipe.dtype) if recipe.dtype else None
         with contextlib.ExitStack() as stack:
             readers = [
@@ -136,8 +141,14 @@ class SoupBuilder:
                 prefix = "adapter_model" if readers[0].files[0].name.startswith("adapter_model") else "model"
                 writer = CheckpointWriter(staging, plan.infos, max_shard_size=recipe.max_shard_size, prefix=prefix)
                 stream_merge(
-                    readers, method, parameters, plan, writer,
-                    base=base if method.needs_base else None, seed=recipe.seed, progress=progress,
+                    readers,
+                    method,
+                    parameters,
+                    plan,
+                    writer,
+                    base=base if method.needs_base else None,
+                    seed=recipe.seed,
+                    progress=progress,
                 )
                 files = writer.close()
                 _copy_side_files(recipe.base_model or folders[0], staging, dtype)

@@ -197,7 +197,9 @@ class CheckpointReader:
         self._handles[path] = handle
         for name in handle.keys():
             if name in self._where:
-                raise SoupError(f"ingredient {self.label}: tensor {name} appears in two shards; re-save the checkpoint")
+                raise SoupError(
+                    f"ingredient {self.label}: tensor {name} appears in two shards; re-save the checkpoint"
+                )
             sliced = handle.get_slice(name)
             dtype_name = sliced.get_dtype()
             if dtype_name not in DTYPES_BY_NAME:
@@ -209,7 +211,9 @@ class CheckpointReader:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as error:  # noqa: BLE001 - torch raises many types for bad pickles
-            raise SoupError(f"ingredient {self.label}: cannot load {path.name} with weights_only=True ({error})") from None
+            raise SoupError(
+                f"ingredient {self.label}: cannot load {path.name} with weights_only=True ({error})"
+            ) from None
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise SoupError(f"ingredient {self.label}: {path.name} is not a state dict of tensors")
         self._pickled[path] = state

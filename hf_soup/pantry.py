@@ -42,7 +42,14 @@ KINDS = ("full", "adapter")
 # Training state that never belongs in an ingredient (optimizer moments are 2x the model; training_args is a pickle).
 SKIPPED_FILES = re.compile(r"^(optimizer\.pt|scheduler\.pt|scaler\.pt|rng_state.*\.pth|training_args\.bin|.*\.lock)$")
 # Config keys that differ between fine-tunes of one base without making them different models.
-VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "_commit_hash", "architectures"}
+VOLATILE_CONFIG_KEYS = {
+    "_name_or_path",
+    "transformers_version",
+    "torch_dtype",
+    "dtype",
+    "_commit_hash",
+    "architectures",
+}
 
 
 def config_hash(folder: str | os.PathLike) -> str | None:

@@ -29,7 +29,7 @@ RECIPE_KEYS = {
     "ingredients": "list of model or adapter folders",
     "pantry": "a pantry folder whose ingredients are used (all, or those in `select`)",
     "select": "ingredient ids of the pantry to use",
-    "base_model": "folder of the model the ingredients were fine-tuned from (methods that need it; files copied from it)",
+    "base_model": "folder of the model fine-tuning started from (for methods that need it; files copied from it)",
     "dtype": "output dtype of floating tensors: float32, bfloat16, float16 (default: the ingredients')",
     "output": "folder to write the soup to (the CLI's --output wins)",
     "max_shard_size": "largest weight file, e.g. '5GB' (default 5GB)",
@@ -122,7 +122,9 @@ class Recipe:
             raw=dict(data),
         )
         if method.needs_base and recipe.base_model is None:
-            raise SoupError(f"{source}: method {method.name!r} needs `base_model:` (the folder fine-tuning started from)")
+            raise SoupError(
+                f"{source}: method {method.name!r} needs `base_model:` (the folder fine-tuning started from)"
+            )
         return recipe
 
 
@@ -145,7 +147,7 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     try:
         text = path.read_text()
     except OSError as error:
-        raise SoupError(f"cannot read recipe {path}: {error.strerror or error}; give the path of a YAML file") from None
+        raise SoupError(f"cannot read recipe {path}: {error.strerror or error}; give a YAML file's path") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as error:

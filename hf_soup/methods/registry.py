@@ -153,7 +153,8 @@ def register_method(
         signature = inspect.signature(function)
         hints = typing.get_type_hints(function)
         positional = [
-            p for p in signature.parameters.values()
+            p
+            for p in signature.parameters.values()
             if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
         ]
         if len(positional) != 1:
