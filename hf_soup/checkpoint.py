@@ -363,7 +363,7 @@ class CheckpointWriter:
             self._open_shard(shard_no)
         data = tensor.detach().to("cpu").contiguous()
         if data.numel():
-            self._handle.write(memoryview(data.view(torch.uint8).numpy()))
+            self._handle.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
         self._position += 1
 
     def close(self) -> list[Path]:

@@ -1,0 +1,98 @@
+"""Tiny models built from config, offline: a base plus seeded noise per ingredient."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def llama_config(**overrides):
+    from transformers import LlamaConfig
+
+    settings = dict(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+    settings.update(overrides)
+    return LlamaConfig(**settings)
+
+
+def bert_config(**overrides):
+    from transformers import BertConfig
+
+    settings = dict(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=3,
+    )
+    settings.update(overrides)
+    return BertConfig(**settings)
+
+
+def make_model(kind: str = "llama", seed: int = 0, noise: float = 0.02, **overrides):
+    """The base model (seed 0 init) plus noise drawn with `seed`; `seed=None` gives the base itself."""
+    from transformers import BertForSequenceClassification, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    if kind == "llama":
+        model = LlamaForCausalLM(llama_config(**overrides))
+    elif kind == "bert":
+        model = BertForSequenceClassification(bert_config(**overrides))
+    else:
+        raise ValueError(kind)
+    if seed is not None:
+        generator = torch.Generator().manual_seed(1000 + seed)
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * noise)
+    return model.eval()
+
+
+def save_model(model, folder: Path, *, dtype: torch.dtype | None = None, max_shard_size: str | None = None) -> Path:
+    if dtype is not None:
+        model = model.to(dtype)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(folder, **kwargs)
+    return folder
+
+
+@pytest.fixture
+def make_ingredients(tmp_path):
+    """`make_ingredients(k, kind="llama", dtype=None, max_shard_size=None, **config)` → list of saved folders."""
+
+    def make(k: int = 3, kind: str = "llama", *, dtype=None, max_shard_size=None, prefix="run", **overrides):
+        folders = []
+        for seed in range(k):
+            model = make_model(kind, seed, **overrides)
+            folders.append(save_model(model, tmp_path / f"{prefix}{seed}", dtype=dtype, max_shard_size=max_shard_size))
+        return folders
+
+    return make
+
+
+def state_dict_of(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a saved folder (single or sharded), read with safetensors."""
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors
