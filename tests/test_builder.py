@@ -274,3 +274,17 @@ def test_interrupted_cook_leaves_previous_output(tmp_path, make_ingredients, mon
         SoupBuilder(folders, method="weighted", weights=[1, 2]).cook(output, overwrite=True, progress=False)
     assert (output / "model.safetensors").read_bytes() == before
     assert not list(tmp_path.glob(f"{STAGING_PREFIX}*"))
+
+
+def test_bert_classifier_soup_loads_and_classifies(tmp_path, make_ingredients):
+    from transformers import BertForSequenceClassification
+
+    folders = make_ingredients(3, kind="bert")
+    soup = SoupBuilder(folders, dtype="float16").cook(tmp_path / "soup", progress=False)
+    model = BertForSequenceClassification.from_pretrained(soup.path, dtype=torch.float32)
+    mean = fp32_mean(folders)
+    for name, tensor in model.state_dict().items():
+        if name in mean:
+            assert torch.equal(tensor, mean[name].to(torch.float16).float()), name
+    logits = model(input_ids=torch.tensor([[2, 7, 9]])).logits
+    assert logits.shape == (1, 3) and torch.isfinite(logits).all()
