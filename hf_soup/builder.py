@@ -13,14 +13,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .atomic import sha256_file, staged_folder, write_json
+from .atomic import check_output_folder, sha256_file, staged_folder, write_json
 from .checkpoint import CheckpointReader, CheckpointWriter, parse_dtype, weight_files
+from .comparison import coefficients_of, compare
 from .compat import check_configs, plan_soup
 from .errors import SoupError
+from .kitchen import Kitchen
 from .merge import stream_merge
 from .methods import get_method
 from .pantry import SKIPPED_FILES, Ingredient, Pantry
-from .recipe import Recipe, load_recipe
+from .recipe import Recipe, load_recipe, lookup
+from .scoring import Scorer
+from .strategies import STRATEGIES, StrategyResult, Tasting, get_strategy
 
 logger = logging.getLogger(__name__)
 
@@ -99,23 +103,35 @@ class SoupBuilder:
             seen[real] = ingredient.id
         return found
 
-    def cook(self, output: str | os.PathLike | None = None, *, overwrite: bool = False, progress: bool = True) -> Soup:
-        """Check everything, then stream the soup into a staging folder and rename it to `output`.
+    def cook(
+        self,
+        output: str | os.PathLike | None = None,
+        *,
+        overwrite: bool = False,
+        progress: bool = True,
+        scorer: Scorer | None = None,
+    ) -> Soup:
+        """Check everything, choose the weights (strategies), then stream the soup into a staging folder and rename
+        it to `output`.
 
         Args:
             output (`str`, *optional*): the soup folder; defaults to the recipe's `output`.
             overwrite (`bool`, *optional*, defaults to `False`): replace an existing non-empty output folder.
             progress (`bool`, *optional*, defaults to `True`): show a progress bar.
+            scorer (`Scorer`, *optional*): for strategies, a ready scorer instead of the recipe's `evaluation`.
         """
+        from accelerate import PartialState
+
         recipe = self.recipe
         target = Path(output).absolute() if output is not None else recipe.output
         if target is None:
             raise SoupError(f"{recipe.source}: no output folder; set `output:` in the recipe or pass --output DIR")
-        method = get_method(recipe.method)
+        check_output_folder(target, overwrite=overwrite)
+        declared = lookup(recipe.method)
         found = self.ingredients()
         if not found:
             raise SoupError(f"{recipe.source}: the ingredient list is empty; give at least one model folder")
-        parameters = method.bind(recipe.parameters, len(found))
+        parameters = declared.bind(recipe.parameters, len(found))
         labels = [ingredient.id for ingredient, _ in found]
         folders = [folder for _, folder in found]
         check_configs(
@@ -129,44 +145,116 @@ class SoupBuilder:
                 stack.enter_context(CheckpointReader(folder, allow_pickle=recipe.allow_pickle, label=label))
                 for label, folder in zip(labels, folders)
             ]
+            needs_base = getattr(declared, "needs_base", False)
             base = None
             if recipe.base_model is not None:
                 base = stack.enter_context(
                     CheckpointReader(recipe.base_model, allow_pickle=recipe.allow_pickle, label="base_model")
                 )
-            plan = plan_soup(readers, dtype=dtype, base=base if method.needs_base else None)
+            plan = plan_soup(readers, dtype=dtype, base=base if needs_base else None)
+            extra: dict[str, Any] = {}
+            method, method_parameters, chosen = declared, parameters, list(range(len(found)))
+            weights = declared.mixing(parameters, len(found)) if getattr(declared, "mixing", None) else None
+            if declared.kind == "strategy":
+                result, extra = self._choose(declared, parameters, found, readers, scorer)
+                method, method_parameters, chosen = get_method(result.method), result.parameters, result.chosen
+                coefficients = coefficients_of(result, len(found))
+                weights = coefficients if not callable(coefficients) else result.record.get("alpha_mean")
+            state = PartialState()
+            if not state.is_main_process:  # under accelerate launch, only the main process writes
+                state.wait_for_everyone()
+                return Soup(target, {"method": declared.name, **extra})
             hasher = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf_soup-sha256"))
             digests = hasher.submit(_ingredient_digests, found, recipe.allow_pickle)
             with staged_folder(target, overwrite=overwrite) as staging:
                 prefix = "adapter_model" if readers[0].files[0].name.startswith("adapter_model") else "model"
                 writer = CheckpointWriter(staging, plan.infos, max_shard_size=recipe.max_shard_size, prefix=prefix)
                 stream_merge(
-                    readers,
+                    [readers[i] for i in chosen],
                     method,
-                    parameters,
+                    method_parameters,
                     plan,
                     writer,
-                    base=base if method.needs_base else None,
+                    base=base if needs_base else None,
                     seed=recipe.seed,
                     progress=progress,
                 )
                 files = writer.close()
                 _copy_side_files(recipe.base_model or folders[0], staging, dtype)
-                record = self._record(found, digests.result(), method, parameters, plan.notes, files)
+                record = self._record(found, digests.result(), declared, parameters, weights, plan.notes, files)
+                record.update(extra)
                 write_json(staging / "soup.json", record)
+            state.wait_for_everyone()
         logger.info("soup written to %s", target)
         return Soup(target, record)
 
-    def _record(self, found, digests, method, parameters, notes, files) -> dict[str, Any]:
+    def _choose(self, strategy, parameters, found, readers, scorer) -> tuple[StrategyResult, dict[str, Any]]:
+        """Run a strategy on one resident model; returns its result and the record (choice and report)."""
+        evaluation = self.recipe.evaluation
+        if scorer is None:
+            if evaluation is None:
+                raise SoupError(f"strategy {strategy.name!r} needs an `evaluation:` section or a scorer")
+            scorer = evaluation.scorer(_tokenizer(self.recipe.base_model or found[0][1]))
+        selection = evaluation.selection_split if evaluation else next(iter(scorer.splits))
+        report_splits = evaluation.report_splits if evaluation else [s for s in scorer.splits if s != selection]
+        compared = evaluation.compare if evaluation else ["uniform", "ensemble"]
+        kitchen_options = (
+            {
+                "device_map": evaluation.device_map,
+                "max_memory": evaluation.max_memory,
+                "offload_folder": evaluation.offload_folder,
+            }
+            if evaluation
+            else {}
+        )
+        count = len(found)
+        with Kitchen(
+            found[0][1], scorer.task, trust_remote_code=self.recipe.trust_remote_code, **kitchen_options
+        ) as kitchen:
+            tasting = Tasting(
+                [ingredient for ingredient, _ in found],
+                readers,
+                kitchen,
+                scorer,
+                selection,
+                reuse_recorded=evaluation.reuse_recorded_scores if evaluation else True,
+            )
+            before = scorer.evaluations
+            context = {"seed": self.recipe.seed} if "seed" in strategy.context else {}
+            result = strategy.function(tasting, **parameters, **context)
+            used = scorer.evaluations - before
+            soups = {"uniform": [1.0 / count] * count} if "uniform" in compared else {}
+            for name in compared:
+                if name in STRATEGIES and name != strategy.name:
+                    other = get_strategy(name)
+                    extra = {"seed": self.recipe.seed} if "seed" in other.context else {}
+                    soups[name] = coefficients_of(other.function(tasting, **extra), count)
+            soups[strategy.name] = coefficients_of(result, count)
+            report = compare(tasting, [selection, *report_splits], soups, ensembles="ensemble" in compared)
+        record = {
+            "strategy": {
+                "name": strategy.name,
+                "parameters": parameters,
+                "selection_split": selection,
+                "score": result.score,
+                "chosen": [found[i][0].id for i in result.chosen],
+                "evaluations": used,
+                **result.record,
+            },
+            "report": report,
+        }
+        return result, record
+
+    def _record(self, found, digests, declared, parameters, weights, notes, files) -> dict[str, Any]:
         from . import __version__
 
-        mixing = method.mixing(parameters, len(found)) if method.mixing is not None else [None] * len(found)
+        weights = weights if weights is not None else [None] * len(found)
         recipe = self.recipe
         return {
             "format": SOUP_FORMAT,
             "hf_soup_version": __version__,
             "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "method": method.name,
+            "method": declared.name,
             "parameters": parameters,
             "recipe": {"source": recipe.source, **_jsonable(recipe.raw)},
             "base_model": str(recipe.base_model) if recipe.base_model else None,
@@ -185,11 +273,21 @@ class SoupBuilder:
                     "split": ingredient.split,
                     "hyperparameters": ingredient.hyperparameters,
                 }
-                for (ingredient, folder), digest, weight in zip(found, digests, mixing)
+                for (ingredient, folder), digest, weight in zip(found, digests, weights)
             ],
             "notes": notes,
             "files": sorted(path.name for path in files),
         }
+
+
+def _tokenizer(folder: Path):
+    """The tokenizer saved in a model folder, or `None` when it has none."""
+    names = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model")
+    if not any((folder / name).is_file() for name in names):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
 
 
 def _ingredient_digests(found: list[tuple[Ingredient, Path]], allow_pickle: bool) -> list[dict[str, str]]:

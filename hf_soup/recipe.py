@@ -21,11 +21,14 @@ from typing import Any
 
 from .checkpoint import parse_dtype, parse_size
 from .errors import SoupError
-from .methods import get_method
+from .evaluation import Evaluation
+from .methods import METHODS, get_method
+from .methods.registry import Declaration
+from .strategies import STRATEGIES, get_strategy
 
 # key → (meaning, type check description); the method's parameters are accepted beside these.
 RECIPE_KEYS = {
-    "method": "the merge method (see `hf-soup methods`)",
+    "method": "the merge method or strategy (see `hf-soup methods`)",
     "ingredients": "list of model or adapter folders",
     "pantry": "a pantry folder whose ingredients are used (all, or those in `select`)",
     "select": "ingredient ids of the pantry to use",
@@ -36,7 +39,19 @@ RECIPE_KEYS = {
     "seed": "seed of the methods that draw random numbers (default 0)",
     "allow_pickle": "read pickle (.bin) ingredients with torch.load(weights_only=True) (default false)",
     "trust_remote_code": "accept configs with custom code (auto_map) (default false)",
+    "evaluation": "data, metric and splits that strategies (greedy, learned) score on",
 }
+
+
+def lookup(name: Any) -> Declaration:
+    """The method or strategy called `name`; the error lists both."""
+    if isinstance(name, str) and name in STRATEGIES:
+        return get_strategy(name)
+    if isinstance(name, str) and name in METHODS:
+        return get_method(name)
+    raise SoupError(
+        f"unknown method {name!r}; methods: {', '.join(sorted(METHODS))}; strategies: {', '.join(sorted(STRATEGIES))}"
+    )
 
 
 @dataclass
@@ -55,6 +70,7 @@ class Recipe:
     seed: int = 0
     allow_pickle: bool = False
     trust_remote_code: bool = False
+    evaluation: Evaluation | None = None
     source: str = "<python>"
     raw: dict[str, Any] = field(default_factory=dict)
 
@@ -66,15 +82,15 @@ class Recipe:
         base = Path(base_dir) if base_dir is not None else Path.cwd()
         if "method" not in data:
             raise SoupError(f"{source}: the recipe needs `method:` (e.g. method: uniform)")
-        method = get_method(_typed(data, "method", str, source))
+        method = lookup(_typed(data, "method", str, source))
         recipe_keys = set(RECIPE_KEYS)
         parameters = {key: value for key, value in data.items() if key not in recipe_keys}
         unknown = [key for key in parameters if key not in method.parameters]
         if unknown:
             accepted = ", ".join(method.parameters) or "none"
             raise SoupError(
-                f"{source}: unknown key {unknown[0]!r}; recipe keys: {', '.join(RECIPE_KEYS)}; parameters of method "
-                f"{method.name!r}: {accepted}"
+                f"{source}: unknown key {unknown[0]!r}; recipe keys: {', '.join(RECIPE_KEYS)}; parameters of "
+                f"{method.kind} {method.name!r}: {accepted}"
             )
 
         def path_of(key: str) -> Path | None:
@@ -118,10 +134,18 @@ class Recipe:
             seed=0 if seed is None else seed,
             allow_pickle=bool(_typed(data, "allow_pickle", bool, source)),
             trust_remote_code=bool(_typed(data, "trust_remote_code", bool, source)),
+            evaluation=None
+            if data.get("evaluation") is None
+            else Evaluation.from_mapping(data["evaluation"], base_dir=base, source=source),
             source=source,
             raw=dict(data),
         )
-        if method.needs_base and recipe.base_model is None:
+        if method.kind == "strategy" and recipe.evaluation is None:
+            raise SoupError(
+                f"{source}: strategy {method.name!r} scores candidates: add an `evaluation:` section "
+                "(dataset, selection_split, metric; see README)"
+            )
+        if getattr(method, "needs_base", False) and recipe.base_model is None:
             raise SoupError(
                 f"{source}: method {method.name!r} needs `base_model:` (the folder fine-tuning started from)"
             )

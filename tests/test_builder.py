@@ -220,7 +220,7 @@ def _remote_code(folder):
         (None, {"method": "weighted", "weights": [0, 0, 0]}, "sum to 0"),
         (None, {"method": "weighted"}, "method 'weighted' needs parameter 'weights'"),
         (None, {"method": "uniform", "density": 0.5}, "unknown key 'density'.*parameters of method 'uniform': none"),
-        (None, {"method": "avg"}, "unknown method 'avg'; registered methods: .*uniform"),
+        (None, {"method": "avg"}, "unknown method 'avg'; methods: .*uniform.*; strategies: greedy, learned"),
         (None, {"dtype": "int4"}, "unknown dtype 'int4'"),
     ],
 )

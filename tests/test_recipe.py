@@ -45,7 +45,10 @@ def test_pantry_and_select(tmp_path):
         ),
         ("method: weighted\ningredients: [a]\nwieghts: [1]\n", "parameters of method 'weighted': weights, normalize"),
         ("method: 3\ningredients: [a]\n", r"`method` must be a str, got int 3"),
-        ("method: avg\ningredients: [a]\n", "unknown method 'avg'; registered methods: uniform, weighted"),
+        (
+            "method: avg\ningredients: [a]\n",
+            "unknown method 'avg'; methods: uniform, weighted; strategies: greedy, learned",
+        ),
         ("method: uniform\ningredients: [a]\ndtype: int8\n", "unknown dtype 'int8'"),
         ("method: uniform\ningredients: [a]\nmax_shard_size: huge\n", "cannot read size 'huge'"),
         ("method: uniform\ningredients: [a]\nmax_shard_size: [1]\n", "max_shard_size must be bytes"),

@@ -21,22 +21,21 @@ from ..errors import SoupError
 CONTEXT = {
     "base": "the base model's fp32 tensor of the same name (the recipe must name `base_model`)",
     "generator": "a `torch.Generator` seeded from the recipe's `seed` and the tensor name",
+    "seed": "the recipe's `seed` (for strategies that draw random numbers)",
 }
 
 
 @dataclass(frozen=True)
-class Method:
-    """A registered merge method.
+class Declaration:
+    """A registered function whose keyword-only parameters are its declaration (methods and strategies).
 
     Attributes:
         name (`str`): the name recipes use.
-        function (`Callable`): `function(tensors, **parameters, **context) -> Tensor`.
+        function (`Callable`): the registered function.
         parameters (`dict[str, inspect.Parameter]`): recipe parameters, in signature order.
-        context (`tuple[str, ...]`): engine-supplied arguments the function takes (see `CONTEXT`).
+        context (`tuple[str, ...]`): engine-supplied keyword arguments the function takes (see `CONTEXT`).
         check (`Callable`, *optional*): `check(parameters, count) -> parameters`, value checks that need the number
             of ingredients (raises `SoupError`); may return normalised parameters.
-        mixing (`Callable`, *optional*): `mixing(parameters, count) -> list[float]`, the coefficient each ingredient
-            gets, for methods that are linear combinations (recorded in `soup.json` and the model card).
     """
 
     name: str
@@ -44,11 +43,8 @@ class Method:
     parameters: dict[str, inspect.Parameter]
     context: tuple[str, ...]
     check: Callable[[dict[str, Any], int], dict[str, Any]] | None = None
-    mixing: Callable[[dict[str, Any], int], list[float]] | None = None
 
-    @property
-    def needs_base(self) -> bool:
-        return "base" in self.context
+    kind = "method"
 
     @property
     def summary(self) -> str:
@@ -64,18 +60,66 @@ class Method:
         unknown = [name for name in given if name not in self.parameters]
         if unknown:
             hint = ", ".join(accepted) if accepted else "none"
-            raise SoupError(f"unknown parameter {unknown[0]!r} for method {self.name!r}; accepted: {hint}")
+            raise SoupError(f"unknown parameter {unknown[0]!r} for {self.kind} {self.name!r}; accepted: {hint}")
         bound: dict[str, Any] = {}
         for name, parameter in self.parameters.items():
             if name in given:
                 bound[name] = _check_type(self.name, name, given[name], parameter.annotation)
             elif parameter.default is inspect.Parameter.empty:
-                raise SoupError(f"method {self.name!r} needs parameter {name!r}; accepted: {', '.join(accepted)}")
+                raise SoupError(f"{self.kind} {self.name!r} needs parameter {name!r}; accepted: {', '.join(accepted)}")
             else:
                 bound[name] = parameter.default
         if self.check is not None:
             bound = self.check(bound, count)
         return bound
+
+
+@dataclass(frozen=True)
+class Method(Declaration):
+    """A registered merge method: `function(tensors, **parameters, **context) -> Tensor`.
+
+    Attributes:
+        mixing (`Callable`, *optional*): `mixing(parameters, count) -> list[float]`, the coefficient each ingredient
+            gets, for methods that are linear combinations (recorded in `soup.json` and the model card).
+    """
+
+    mixing: Callable[[dict[str, Any], int], list[float]] | None = None
+
+    @property
+    def needs_base(self) -> bool:
+        return "base" in self.context
+
+
+def declare(
+    function: Callable[..., Any], name: str, what: str
+) -> tuple[dict[str, inspect.Parameter], tuple[str, ...]]:
+    """Read a registered function's signature: one positional argument (`what`), then keyword-only parameters.
+
+    Returns the recipe parameters and the engine-supplied context names.
+    """
+    if not name.isidentifier() or name != name.lower():
+        raise SoupError(f"name {name!r} must be a lower-case identifier, e.g. 'task_arithmetic'")
+    signature = inspect.signature(function)
+    hints = typing.get_type_hints(function)
+    positional = [
+        p
+        for p in signature.parameters.values()
+        if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    ]
+    if len(positional) != 1:
+        raise SoupError(
+            f"{name!r} must take {what} as its one positional argument and its parameters as keyword-only "
+            "arguments (def f(first, *, weight: float = 1.0))"
+        )
+    parameters, context = {}, []
+    for parameter in signature.parameters.values():
+        if parameter.kind is not inspect.Parameter.KEYWORD_ONLY:
+            continue
+        if parameter.name in CONTEXT:
+            context.append(parameter.name)
+        else:
+            parameters[parameter.name] = parameter.replace(annotation=hints.get(parameter.name, Any))
+    return parameters, tuple(context)
 
 
 def _check_type(method: str, name: str, value: Any, annotation: Any) -> Any:
@@ -146,31 +190,10 @@ def register_method(
 
     def decorate(function: Callable[..., Any]) -> Callable[..., Any]:
         method_name = name or function.__name__
-        if not method_name.isidentifier() or method_name != method_name.lower():
-            raise SoupError(f"method name {method_name!r} must be a lower-case identifier, e.g. 'task_arithmetic'")
         if method_name in METHODS and not overwrite:
             raise SoupError(f"method {method_name!r} is already registered; pass overwrite=True to replace it")
-        signature = inspect.signature(function)
-        hints = typing.get_type_hints(function)
-        positional = [
-            p
-            for p in signature.parameters.values()
-            if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-        ]
-        if len(positional) != 1:
-            raise SoupError(
-                f"method {method_name!r} must take the list of tensors as its one positional argument and its "
-                "parameters as keyword-only arguments (def m(tensors, *, weight: float = 1.0))"
-            )
-        parameters, context = {}, []
-        for parameter in signature.parameters.values():
-            if parameter.kind is not inspect.Parameter.KEYWORD_ONLY:
-                continue
-            if parameter.name in CONTEXT:
-                context.append(parameter.name)
-            else:
-                parameters[parameter.name] = parameter.replace(annotation=hints.get(parameter.name, Any))
-        METHODS[method_name] = Method(method_name, function, parameters, tuple(context), check, mixing)
+        parameters, context = declare(function, method_name, "the list of tensors")
+        METHODS[method_name] = Method(method_name, function, parameters, context, check, mixing)
         return function
 
     return decorate

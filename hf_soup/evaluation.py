@@ -1,0 +1,191 @@
+"""The `evaluation:` section of a recipe: which data, which metric, which split selects and which are reported.
+
+```yaml
+evaluation:
+  task: sequence-classification          # or causal-lm, image-classification
+  dataset: {path: csv, data_files: {validation: data/val.csv, test: data/test.csv, shift: data/shift.csv}}
+  # or dataset: {load_from_disk: data/my_dataset}   (a DatasetDict saved with save_to_disk)
+  columns: {text: sentence, label: label}
+  metric: accuracy                       # built-in, an evaluate module path, or module:function (compute_metrics)
+  selection_split: validation            # greedy / learned choose on this split only
+  report_splits: [test, shift]           # reported, never used to choose
+```
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import SoupError
+from .scoring import Scorer
+from .tasks import TASKS
+
+logger = logging.getLogger(__name__)
+
+EVALUATION_KEYS = {
+    "task": "sequence-classification, causal-lm or image-classification",
+    "dataset": "arguments of datasets.load_dataset, or {load_from_disk: DIR}",
+    "selection_split": "the split greedy/learned soups are chosen on",
+    "report_splits": "splits reported but never used to choose (test, distribution shifts)",
+    "metric": "built-in name, evaluate module path, or module:function compute_metrics",
+    "greater_is_better": "direction of a metric that is not built in",
+    "metric_key": "which value of a metric that returns several",
+    "columns": "{text, text_pair, label} column names of the raw data",
+    "max_length": "tokenizer truncation length",
+    "batch_size": "evaluation batch size (default 32)",
+    "preprocess": "module:function mapping a batch of raw rows to model inputs (instead of tokenizing text)",
+    "compare": "extra rows of the report: uniform, greedy, learned, ensemble (default: uniform, ensemble)",
+    "device_map": "where the resident model lives: auto, cpu, cuda, or {module: device}",
+    "max_memory": "per-device memory limits for device_map auto, e.g. {0: 10GiB, cpu: 30GiB}",
+    "offload_folder": "where disk-offloaded weights of the resident model go",
+    "reuse_recorded_scores": "use pantry scores measured on the selection split (default true)",
+}
+COMPARABLE = ("uniform", "greedy", "learned", "ensemble")
+
+
+def _import(spec: str | Callable, what: str) -> Callable:
+    if callable(spec):
+        return spec
+    import importlib
+
+    module, _, attribute = str(spec).partition(":")
+    try:
+        return getattr(importlib.import_module(module), attribute)
+    except (ImportError, AttributeError, ValueError) as error:
+        raise SoupError(f"cannot import {what} {spec!r} ({error}); write it as 'package.module:function'") from None
+
+
+@dataclass
+class Evaluation:
+    """A validated `evaluation:` section."""
+
+    selection_split: str
+    dataset: dict[str, Any] | None = None
+    splits: Mapping[str, Any] | None = None
+    task: str = "sequence-classification"
+    report_splits: list[str] = field(default_factory=list)
+    metric: str | Callable | None = None
+    greater_is_better: bool | None = None
+    metric_key: str | None = None
+    columns: dict[str, str] = field(default_factory=dict)
+    max_length: int | None = None
+    batch_size: int = 32
+    preprocess: str | Callable | None = None
+    compare: list[str] = field(default_factory=lambda: ["uniform", "ensemble"])
+    device_map: Any = "auto"
+    max_memory: dict[Any, Any] | None = None
+    offload_folder: str | None = None
+    reuse_recorded_scores: bool = True
+
+    @classmethod
+    def from_mapping(cls, data: Any, *, base_dir: Path, source: str) -> Evaluation:
+        where = f"{source}: evaluation"
+        if not isinstance(data, Mapping):
+            raise SoupError(f"{where} must be a mapping (task, dataset, selection_split, ...)")
+        unknown = sorted(set(data) - set(EVALUATION_KEYS) - {"splits"})
+        if unknown:
+            raise SoupError(f"{where}: unknown key {unknown[0]!r}; valid keys: {', '.join(EVALUATION_KEYS)}")
+        if "selection_split" not in data:
+            raise SoupError(f"{where} needs selection_split: the held-out split the soup is chosen on")
+        kinds = {
+            "task": str,
+            "selection_split": str,
+            "report_splits": list,
+            "greater_is_better": bool,
+            "metric_key": str,
+            "columns": Mapping,
+            "max_length": int,
+            "batch_size": int,
+            "compare": list,
+            "max_memory": Mapping,
+            "offload_folder": str,
+            "reuse_recorded_scores": bool,
+            "dataset": Mapping,
+        }
+        for key, kind in kinds.items():
+            value = data.get(key)
+            if value is not None and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
+                raise SoupError(f"{where}.{key} must be a {kind.__name__}, got {value!r} ({EVALUATION_KEYS[key]})")
+        if data.get("task", "sequence-classification") not in TASKS:
+            raise SoupError(f"{where}.task {data['task']!r} is unknown; tasks: {', '.join(TASKS)}")
+        if ("dataset" in data) == ("splits" in data):
+            raise SoupError(
+                f"{where} needs `dataset:` (how to load the data), e.g. {{path: csv, data_files: {{...}}}}"
+            )
+        for name in data.get("compare", []):
+            if name not in COMPARABLE:
+                raise SoupError(f"{where}.compare: unknown row {name!r}; choose from {', '.join(COMPARABLE)}")
+        if data.get("batch_size", 32) < 1:
+            raise SoupError(f"{where}.batch_size must be ≥ 1")
+        dataset = dict(data["dataset"]) if data.get("dataset") is not None else None
+        if dataset is not None:
+            dataset = _resolve_files(dataset, base_dir)
+        report = [str(s) for s in data.get("report_splits", [])]
+        if data["selection_split"] in report:
+            logger.warning(
+                "SELECTING ON A REPORTED SPLIT: %r is both the selection split and a report split; its numbers are "
+                "optimistic. Hold out a separate split for selection.",
+                data["selection_split"],
+            )
+        values = {k: v for k, v in data.items() if k in EVALUATION_KEYS or k == "splits"}
+        values.update(dataset=dataset, report_splits=report, columns=dict(data.get("columns", {})))
+        return cls(**values)
+
+    def load_splits(self) -> dict[str, Any]:
+        """The selection and report splits as `datasets.Dataset`s."""
+        import datasets
+
+        if self.splits is not None:
+            loaded = dict(self.splits)
+        elif "load_from_disk" in self.dataset:
+            loaded = dict(datasets.load_from_disk(self.dataset["load_from_disk"]))
+        else:
+            try:
+                loaded = dict(datasets.load_dataset(**self.dataset))
+            except Exception as error:  # noqa: BLE001 - datasets raises many kinds for bad specs
+                raise SoupError(f"evaluation.dataset {self.dataset} could not be loaded: {error}") from None
+        wanted = [self.selection_split, *[s for s in self.report_splits if s != self.selection_split]]
+        for split in wanted:
+            if split not in loaded:
+                raise SoupError(f"evaluation split {split!r} does not exist; the dataset has: {', '.join(loaded)}")
+        return {split: loaded[split] for split in wanted}
+
+    def scorer(self, tokenizer=None) -> Scorer:
+        """A `Scorer` over the selection and report splits (preprocessed once)."""
+        return Scorer(
+            self.load_splits(),
+            task=self.task,
+            metric=self.metric if self.metric is None or callable(self.metric) else str(self.metric),
+            greater_is_better=self.greater_is_better,
+            metric_key=self.metric_key,
+            tokenizer=tokenizer,
+            columns=self.columns,
+            max_length=self.max_length,
+            preprocess=_import(self.preprocess, "preprocess") if self.preprocess else None,
+            batch_size=self.batch_size,
+        )
+
+
+def _resolve_files(dataset: dict[str, Any], base_dir: Path) -> dict[str, Any]:
+    """Relative `data_files`, `data_dir` and `load_from_disk` paths are relative to the recipe's folder."""
+
+    def resolve(value):
+        if isinstance(value, str) and not os.path.isabs(value) and "://" not in value:
+            return str(base_dir / value)
+        if isinstance(value, list):
+            return [resolve(v) for v in value]
+        if isinstance(value, Mapping):
+            return {k: resolve(v) for k, v in value.items()}
+        return value
+
+    for key in ("data_files", "data_dir", "load_from_disk"):
+        if key in dataset:
+            dataset[key] = resolve(dataset[key])
+    if "path" in dataset and (base_dir / str(dataset["path"])).exists():
+        dataset["path"] = str(base_dir / dataset["path"])
+    return dataset

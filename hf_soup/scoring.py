@@ -1,0 +1,273 @@
+"""Scorers: a resident model + an evaluation split → a number (and a per-split report).
+
+Splits are preprocessed once, when the scorer is made. Under `accelerate launch` each process scores a contiguous
+shard of the split and the outputs are gathered in order, so every process computes the same number.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import SoupError
+from .tasks import Task, collate, get_task, preprocess_split
+
+Batches = list[tuple[torch.Tensor, torch.Tensor]]  # (logits, labels) per batch, on the CPU, in split order
+
+
+def _lm_pairs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token logits and targets, padding (-100) dropped."""
+    logits, labels = logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)
+    keep = labels != -100
+    return logits[keep], labels[keep]
+
+
+def _flat(batches: Batches, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    pairs = [_lm_pairs(lg, lb) if causal else (lg, lb) for lg, lb in batches]
+    return torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
+
+
+def accuracy(batches: Batches, causal: bool) -> float:
+    logits, labels = _flat(batches, causal)
+    return float((logits.argmax(-1) == labels).float().mean())
+
+
+def macro_f1(batches: Batches, causal: bool) -> float:
+    logits, labels = _flat(batches, causal)
+    predictions = logits.argmax(-1)
+    scores = []
+    for label in torch.unique(torch.cat([labels, predictions])):
+        tp = ((predictions == label) & (labels == label)).sum().item()
+        fp = ((predictions == label) & (labels != label)).sum().item()
+        fn = ((predictions != label) & (labels == label)).sum().item()
+        scores.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
+    return float(np.mean(scores))
+
+
+def loss(batches: Batches, causal: bool) -> float:
+    logits, labels = _flat(batches, causal)
+    return float(torch.nn.functional.cross_entropy(logits, labels))
+
+
+def perplexity(batches: Batches, causal: bool) -> float:
+    return math.exp(loss(batches, causal))
+
+
+# name → (function, greater_is_better); computed here, offline, from logits and labels.
+BUILTIN_METRICS: dict[str, tuple[Callable[[Batches, bool], float], bool]] = {
+    "accuracy": (accuracy, True),
+    "next_token_accuracy": (accuracy, True),
+    "macro_f1": (macro_f1, True),
+    "loss": (loss, False),
+    "perplexity": (perplexity, False),
+}
+
+
+@dataclass
+class Metric:
+    """A named metric over `(logits, labels)` batches with its direction."""
+
+    name: str
+    compute: Callable[[Batches, bool], float]
+    greater_is_better: bool
+
+
+def make_metric(
+    metric: str | Callable | None,
+    *,
+    task: Task,
+    greater_is_better: bool | None = None,
+    key: str | None = None,
+) -> Metric:
+    """A `Metric` from a built-in name, an `evaluate` module (local path, or name when the Hub is reachable),
+    a Trainer-style `compute_metrics(EvalPrediction) -> dict` callable, or `"module:function"` naming one."""
+    metric = metric or task.default_metric
+    if isinstance(metric, str) and metric in BUILTIN_METRICS:
+        function, direction = BUILTIN_METRICS[metric]
+        return Metric(metric, function, direction if greater_is_better is None else greater_is_better)
+    if isinstance(metric, str) and ":" in metric and not os.path.exists(metric):
+        module_name, _, attribute = metric.partition(":")
+        try:
+            metric = getattr(importlib.import_module(module_name), attribute)
+        except (ImportError, AttributeError) as error:
+            raise SoupError(
+                f"cannot import compute_metrics {metric!r} ({error}); write it as 'module:function'"
+            ) from None
+    if callable(metric):
+        return _callable_metric(metric, task, greater_is_better, key)
+    return _evaluate_metric(str(metric), task, greater_is_better, key)
+
+
+def _pick(values: Mapping[str, Any], key: str | None, where: str) -> float:
+    if key is None:
+        if len(values) != 1:
+            raise SoupError(f"{where} returned {sorted(values)}; say which one to use with metric_key")
+        key = next(iter(values))
+    if key not in values:
+        raise SoupError(f"{where} returned no {key!r} (it returned {sorted(values)}); fix metric_key")
+    return float(values[key])
+
+
+def _callable_metric(function: Callable, task: Task, greater_is_better: bool | None, key: str | None) -> Metric:
+    from transformers import EvalPrediction
+
+    if greater_is_better is None:
+        raise SoupError("a compute_metrics callable needs greater_is_better: true or false")
+    name = getattr(function, "__name__", "compute_metrics")
+
+    def compute(batches: Batches, causal: bool) -> float:
+        logits, labels = (
+            _padded(batches) if causal else (torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]))
+        )
+        values = function(EvalPrediction(predictions=logits.numpy(), label_ids=labels.numpy()))
+        return _pick(values, key, name)
+
+    return Metric(key or name, compute, greater_is_better)
+
+
+def _padded(batches: Batches) -> tuple[torch.Tensor, torch.Tensor]:
+    length = max(b[0].shape[1] for b in batches)
+    logits = torch.cat([torch.nn.functional.pad(lg, (0, 0, 0, length - lg.shape[1])) for lg, _ in batches])
+    labels = torch.cat([torch.nn.functional.pad(lb, (0, length - lb.shape[1]), value=-100) for _, lb in batches])
+    return logits, labels
+
+
+def _evaluate_metric(name: str, task: Task, greater_is_better: bool | None, key: str | None) -> Metric:
+    import evaluate
+
+    try:
+        module = evaluate.load(name)
+    except Exception as error:  # noqa: BLE001 - evaluate raises many kinds of errors when offline or missing
+        local = " (a local path)" if Path(name).exists() else ""
+        raise SoupError(
+            f"cannot load evaluate metric {name!r}{local}: {str(error).splitlines()[0][:200]}; offline, use a built-in"
+            f" metric ({', '.join(BUILTIN_METRICS)}), an evaluate module folder or script by local path, or a "
+            "compute_metrics callable"
+        ) from None
+    if greater_is_better is None:
+        raise SoupError(f"evaluate metric {name!r}: say greater_is_better: true or false")
+
+    def compute(batches: Batches, causal: bool) -> float:
+        logits, labels = _flat(batches, causal)
+        values = module.compute(predictions=logits.argmax(-1).tolist(), references=labels.tolist())
+        return _pick(values, key or getattr(module, "name", None), f"evaluate metric {name!r}")
+
+    return Metric(key or Path(name).stem, compute, greater_is_better)
+
+
+class Scorer:
+    """Score models on named splits with one metric.
+
+    Args:
+        splits (`dict[str, datasets.Dataset]`): raw splits (e.g. `{"validation": ..., "test": ..., "shift": ...}`).
+        task (`str`, *optional*, defaults to `"sequence-classification"`): see `hf_soup.tasks.TASKS`.
+        metric: a built-in name (`accuracy`, `macro_f1`, `loss`, `perplexity`, `next_token_accuracy`), an
+            `evaluate` module path, a `compute_metrics` callable, or `"module:function"`.
+        greater_is_better (`bool`, *optional*): direction; built-in metrics know theirs.
+        metric_key (`str`, *optional*): which value of a dict-returning metric to use.
+        tokenizer, columns, max_length, preprocess: see `hf_soup.tasks.preprocess_split`.
+        collator (`Callable`, *optional*): `list[example] -> batch`; defaults to padding by the task.
+        batch_size (`int`, *optional*, defaults to 32).
+
+    Example:
+
+    ```python
+    >>> scorer = Scorer({"validation": val, "test": test}, tokenizer=tokenizer, columns={"text": "sentence"})
+    >>> scorer.score(model, "validation")
+    0.84
+    ```
+    """
+
+    def __init__(
+        self,
+        splits: Mapping[str, Any],
+        *,
+        task: str = "sequence-classification",
+        metric: str | Callable | None = None,
+        greater_is_better: bool | None = None,
+        metric_key: str | None = None,
+        tokenizer=None,
+        columns: Mapping[str, str] | None = None,
+        max_length: int | None = None,
+        preprocess: Callable | None = None,
+        collator: Callable | None = None,
+        batch_size: int = 32,
+    ):
+        if not splits:
+            raise SoupError("a scorer needs at least one split")
+        if batch_size < 1:
+            raise SoupError(f"batch_size must be ≥ 1, got {batch_size}")
+        self.task = get_task(task)
+        self.metric = make_metric(metric, task=self.task, greater_is_better=greater_is_better, key=metric_key)
+        self.batch_size = batch_size
+        self.collator = collator or collate(self.task, tokenizer)
+        self.splits = {
+            name: preprocess_split(
+                data,
+                self.task,
+                split=name,
+                tokenizer=tokenizer,
+                columns=columns,
+                max_length=max_length,
+                preprocess=preprocess,
+            )
+            for name, data in splits.items()
+        }
+        self.evaluations = 0
+
+    @property
+    def causal(self) -> bool:
+        return self.task.name == "causal-lm"
+
+    def split(self, name: str):
+        if name not in self.splits:
+            raise SoupError(f"no split {name!r}; the scorer has: {', '.join(self.splits)}")
+        return self.splits[name]
+
+    @torch.no_grad()
+    def outputs(self, model: torch.nn.Module, split: str) -> Batches:
+        """(logits, labels) of every batch of `split`, in order; sharded over processes and gathered."""
+        from accelerate import PartialState
+
+        state = PartialState()
+        data = self.split(split)
+        if state.num_processes > 1:
+            data = data.shard(num_shards=state.num_processes, index=state.process_index, contiguous=True)
+        model.eval()
+        batches: Batches = []
+        for start in range(0, len(data), self.batch_size):
+            batch = self.collator([data[i] for i in range(start, min(start + self.batch_size, len(data)))])
+            batches.append((self.task.outputs(model, batch).cpu(), batch["labels"]))
+        if state.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            batches = [b for shard in gather_object([batches]) for b in shard]
+        self.evaluations += 1
+        return batches
+
+    def compute(self, batches: Batches) -> float:
+        """The metric of already computed outputs (e.g. an ensemble's averaged logits)."""
+        return self.metric.compute(batches, self.causal)
+
+    def score(self, model: torch.nn.Module, split: str) -> float:
+        """The metric of `model` on `split`."""
+        return self.compute(self.outputs(model, split))
+
+    def better(self, a: float, b: float, *, strict: bool = False) -> bool:
+        """Whether score `a` beats `b` (`≥` by default, `>` with `strict`), in the metric's direction."""
+        if self.metric.greater_is_better:
+            return a > b if strict else a >= b
+        return a < b if strict else a <= b
+
+    def best(self, scores: Mapping[str, float]) -> str:
+        """The key of the best score."""
+        pick = max if self.metric.greater_is_better else min
+        return pick(scores, key=scores.__getitem__)

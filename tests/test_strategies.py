@@ -1,0 +1,263 @@
+"""Greedy and learned soups, ensembles and the report, on a tiny BERT trained so the answers are known."""
+
+import json
+import logging
+
+import pytest
+import torch
+from conftest import bert_config, save_model
+
+from hf_soup import Pantry, SoupBuilder, SoupError
+from hf_soup.kitchen import Kitchen
+from hf_soup.scoring import Scorer
+from hf_soup.tasks import get_task
+
+
+def make_split(count, seed, *, shift=False):
+    """Label = whether the first token is in the upper half of the vocabulary (the task the model learns).
+
+    The shift split draws the other tokens from a different range.
+    """
+    from datasets import Dataset
+
+    generator = torch.Generator().manual_seed(seed)
+    first = torch.randint(4, 64, (count, 1), generator=generator)
+    rest = torch.randint(40 if shift else 4, 64 if shift else 40, (count, 7), generator=generator)
+    ids = torch.cat([first, rest], dim=1)
+    return Dataset.from_dict({"input_ids": ids.tolist(), "label": (first[:, 0] >= 34).long().tolist()})
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """A tiny BERT classifier trained to ~100% accuracy, saved once per session."""
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(bert_config(num_labels=2))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    data = make_split(512, 1)
+    ids, labels = torch.tensor(data["input_ids"]), torch.tensor(data["label"])
+    model.train()
+    for step in range(80):
+        batch = slice((step * 32) % 512, (step * 32) % 512 + 32)
+        loss = model(input_ids=ids[batch], labels=labels[batch]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    return save_model(model, tmp_path_factory.mktemp("trained") / "model")
+
+
+def perturbed(trained, folder, seed, scale):
+    from transformers import BertForSequenceClassification
+
+    model = BertForSequenceClassification.from_pretrained(trained)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * scale)
+    return save_model(model, folder)
+
+
+@pytest.fixture
+def ingredients(trained, tmp_path):
+    """Two good fine-tunes (small perturbations) and one broken run (large noise)."""
+    return [
+        perturbed(trained, tmp_path / "good_a", 1, 0.005),
+        perturbed(trained, tmp_path / "good_b", 2, 0.005),
+        perturbed(trained, tmp_path / "noise", 3, 1.0),
+    ]
+
+
+@pytest.fixture
+def splits():
+    return {"validation": make_split(96, 10), "test": make_split(96, 11), "shift": make_split(96, 12, shift=True)}
+
+
+def evaluation(splits, **extra):
+    return {"splits": splits, "selection_split": "validation", "report_splits": ["test", "shift"], **extra}
+
+
+def test_greedy_rejects_the_noise_ingredient_and_reports(ingredients, splits, tmp_path):
+    from transformers import BertForSequenceClassification
+
+    builder = SoupBuilder(ingredients, method="greedy", evaluation=evaluation(splits))
+    soup = builder.cook(tmp_path / "soup", progress=False)
+    strategy = soup.record["strategy"]
+    assert strategy["chosen"] == ["good_a", "good_b"] or strategy["chosen"] == ["good_b", "good_a"]
+    noise = [step for step in strategy["trace"] if step["id"] == "noise"]
+    assert noise == [{"id": "noise", "score": noise[0]["score"], "accepted": False, "soup_size": 3}]
+    assert noise[0]["score"] < strategy["score"]
+    assert strategy["evaluations"] == 2 * 3 - 1  # k individual scores + k - 1 candidates
+    weights = {i["id"]: i["weight"] for i in soup.record["ingredients"]}
+    assert weights == {"good_a": 0.5, "good_b": 0.5, "noise": 0.0}
+    report = soup.record["report"]
+    assert set(report["rows"]) == {"best individual", "uniform", "greedy", "ensemble", "greedy ensemble"}
+    assert report["splits"] == ["validation", "test", "shift"]
+    assert report["rows"]["greedy"]["validation"] == pytest.approx(strategy["score"])
+    assert report["rows"]["uniform"]["validation"] < report["rows"]["greedy"]["validation"]
+    # the written soup is the greedy soup that was scored
+    model = BertForSequenceClassification.from_pretrained(soup.path)
+    scorer = Scorer(splits)
+    assert scorer.score(model, "validation") == pytest.approx(strategy["score"])
+    assert json.loads((soup.path / "soup.json").read_text())["strategy"]["kept"] == strategy["kept"]
+
+
+def test_ties_follow_the_rule(trained, splits, tmp_path):
+    import shutil
+
+    good = perturbed(trained, tmp_path / "good", 1, 0.005)
+    twin = tmp_path / "twin"
+    shutil.copytree(good, twin)  # identical weights: adding it leaves the score equal
+    paths = [good, twin]
+    loose = SoupBuilder(paths, method="greedy", evaluation=evaluation(splits)).cook(tmp_path / "ge", progress=False)
+    strict = SoupBuilder(paths, method="greedy", rule=">", evaluation=evaluation(splits)).cook(
+        tmp_path / "gt", progress=False
+    )
+    assert loose.record["strategy"]["chosen"] == ["good", "twin"]  # ≥ keeps an equal score (the paper's rule)
+    assert strict.record["strategy"]["chosen"] == ["good"]
+    assert [step["accepted"] for step in strict.record["strategy"]["trace"]] == [True, False]
+
+
+def test_recorded_pantry_scores_save_evaluations(ingredients, splits, tmp_path):
+    from transformers import BertForSequenceClassification
+
+    scorer = Scorer(splits)
+    pantry = Pantry(tmp_path / "pantry")
+    for folder in ingredients:
+        value = scorer.score(BertForSequenceClassification.from_pretrained(folder), "validation")
+        pantry.add(folder, run=folder.name, metric="eval_accuracy", value=value, split="validation", step=1)
+    soup = SoupBuilder(pantry=str(pantry.root), method="greedy", evaluation=evaluation(splits)).cook(
+        tmp_path / "soup", progress=False
+    )
+    strategy = soup.record["strategy"]
+    assert strategy["evaluations"] == 3 - 1  # only the candidates are evaluated
+    assert sorted(strategy["recorded_scores_used"]) == ["good_a-1", "good_b-1", "noise-1"]
+    assert "noise-1" not in strategy["chosen"]
+
+
+def test_random_order_is_seeded(ingredients, splits, tmp_path):
+    def order(seed, name):
+        soup = SoupBuilder(ingredients, method="greedy", order="random", seed=seed, evaluation=evaluation(splits))
+        return [step["id"] for step in soup.cook(tmp_path / name, progress=False).record["strategy"]["trace"]]
+
+    assert order(0, "a") == order(0, "b")
+    assert sorted(order(0, "c")) == ["good_a", "good_b", "noise"]
+
+
+def test_learned_coefficients_move_to_the_good_ingredients(ingredients, splits, tmp_path):
+    builder = SoupBuilder(
+        ingredients, method="learned", granularity="global", batch_size=16, evaluation=evaluation(splits, compare=[])
+    )
+    soup = builder.cook(tmp_path / "soup", progress=False)
+    alpha = soup.record["strategy"]["alpha"]
+    assert alpha[2] < 1 / 3 - 0.05  # the noise ingredient loses weight
+    assert alpha[0] + alpha[1] > 2 / 3 + 0.05
+    losses = soup.record["strategy"]["loss_per_epoch"]
+    assert losses[-1] < losses[0]
+    assert [i["weight"] for i in soup.record["ingredients"]] == pytest.approx(alpha)
+
+
+def test_learned_by_layer_writes_per_tensor_weights(ingredients, splits, tmp_path):
+    from transformers import BertForSequenceClassification
+
+    soup = SoupBuilder(ingredients, method="learned", epochs=1, evaluation=evaluation(splits, compare=[])).cook(
+        tmp_path / "soup", progress=False
+    )
+    alpha = soup.record["strategy"]["alpha"]
+    name = "classifier.weight"
+    states = [BertForSequenceClassification.from_pretrained(f).state_dict()[name] for f in ingredients]
+    expected = sum(w * s for w, s in zip(alpha[name], states))
+    got = BertForSequenceClassification.from_pretrained(soup.path).state_dict()[name]
+    assert torch.allclose(got, expected, atol=1e-6)
+    assert len({tuple(v) for v in alpha.values()}) > 1  # coefficients differ by tensor
+
+
+def test_offloaded_resident_model_gives_the_same_scores(ingredients, splits, tmp_path):
+    plain = SoupBuilder(ingredients, method="greedy", evaluation=evaluation(splits, compare=[]))
+    offloaded = SoupBuilder(
+        ingredients,
+        method="greedy",
+        evaluation=evaluation(splits, compare=[], max_memory={"cpu": 60_000}, offload_folder=str(tmp_path / "off")),
+    )
+    a = plain.cook(tmp_path / "a", progress=False).record["strategy"]["trace"]
+    b = offloaded.cook(tmp_path / "b", progress=False).record["strategy"]["trace"]
+    assert a == b
+    assert not list((tmp_path / "off").iterdir())  # the kitchen removed its offload files
+
+
+def test_kitchen_offload_splits_the_model(ingredients):
+    kitchen = Kitchen(ingredients[0], get_task("sequence-classification"), max_memory={"cpu": 60_000})
+    try:
+        assert kitchen.offloaded and {"cpu", "disk"} <= set(kitchen.device_map.values())
+    finally:
+        kitchen.close()
+
+
+def test_resident_model_equals_from_pretrained(ingredients, splits):
+    from transformers import BertForSequenceClassification
+
+    from hf_soup.checkpoint import CheckpointReader
+
+    with (
+        Kitchen(ingredients[0], get_task("sequence-classification")) as kitchen,
+        CheckpointReader(ingredients[1]) as reader,
+    ):
+        kitchen.load((name, reader.get(name)) for name in reader.names())
+        reference = BertForSequenceClassification.from_pretrained(ingredients[1]).eval()
+        for name, tensor in reference.state_dict().items():
+            assert torch.equal(kitchen.model.state_dict()[name], tensor), name
+        scorer = Scorer(splits)
+        assert scorer.score(kitchen.model, "test") == scorer.score(reference, "test")
+
+
+def test_selecting_on_a_reported_split_warns(ingredients, splits, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        SoupBuilder(
+            ingredients[:2],
+            method="greedy",
+            evaluation={"splits": splits, "selection_split": "test", "report_splits": ["test"], "compare": []},
+        ).cook(tmp_path / "soup", progress=False)
+    assert "SELECTING ON A REPORTED SPLIT" in caplog.text
+
+
+def test_evaluation_errors(ingredients, splits, tmp_path):
+    with pytest.raises(SoupError, match="add an `evaluation:` section"):
+        SoupBuilder(ingredients, method="greedy")
+    with pytest.raises(SoupError, match="evaluation split 'dev' does not exist; the dataset has: validation, test"):
+        SoupBuilder(ingredients, method="greedy", evaluation={"splits": splits, "selection_split": "dev"}).cook(
+            tmp_path / "soup", progress=False
+        )
+    with pytest.raises(SoupError, match="unknown key 'selection'"):
+        SoupBuilder(ingredients, method="greedy", evaluation={"splits": splits, "selection": "validation"})
+    bad = {k: v.rename_column("label", "y") for k, v in splits.items()}
+    with pytest.raises(SoupError, match="no label column 'label'"):
+        SoupBuilder(ingredients, method="greedy", evaluation=evaluation(bad)).cook(tmp_path / "soup", progress=False)
+    with pytest.raises(SoupError, match="cannot load evaluate metric 'no_such_metric'"):
+        SoupBuilder(ingredients, method="greedy", evaluation=evaluation(splits, metric="no_such_metric")).cook(
+            tmp_path / "soup", progress=False
+        )
+    with pytest.raises(SoupError, match="unknown key 'rules'.*parameters of strategy 'greedy': rule, order$"):
+        SoupBuilder(ingredients, method="greedy", rules=">", evaluation=evaluation(splits)).cook(
+            tmp_path / "soup", progress=False
+        )
+    assert not (tmp_path / "soup").exists()
+
+
+def test_compute_metrics_callable_and_ensembles(ingredients, splits, tmp_path):
+    import numpy as np
+
+    def compute_metrics(prediction):
+        predicted = np.argmax(prediction.predictions, axis=-1)
+        return {"error_rate": float((predicted != prediction.label_ids).mean())}
+
+    soup = SoupBuilder(
+        ingredients, method="greedy", evaluation=evaluation(splits, metric=compute_metrics, greater_is_better=False)
+    ).cook(tmp_path / "soup", progress=False)
+    report = soup.record["report"]
+    assert report["metric"] == "compute_metrics" and report["greater_is_better"] is False
+    accuracy = Scorer(splits)
+    rows = soup.record["report"]["rows"]
+    assert rows["greedy"]["validation"] <= rows["uniform"]["validation"]
+    assert report["greedy_ensemble"][0] in ("good_a", "good_b")
+    assert 0 <= rows["ensemble"]["test"] <= 1 and accuracy.metric.greater_is_better
