@@ -23,7 +23,7 @@ from .merge import stream_merge
 from .methods import get_method
 from .pantry import SKIPPED_FILES, Ingredient, Pantry
 from .recipe import Recipe, load_recipe, lookup
-from .scoring import Scorer
+from .scoring import Scorer, process_state
 from .strategies import STRATEGIES, StrategyResult, Tasting, get_strategy
 
 logger = logging.getLogger(__name__)
@@ -120,8 +120,6 @@ class SoupBuilder:
             progress (`bool`, *optional*, defaults to `True`): show a progress bar.
             scorer (`Scorer`, *optional*): for strategies, a ready scorer instead of the recipe's `evaluation`.
         """
-        from accelerate import PartialState
-
         recipe = self.recipe
         target = Path(output).absolute() if output is not None else recipe.output
         if target is None:
@@ -160,7 +158,7 @@ class SoupBuilder:
                 method, method_parameters, chosen = get_method(result.method), result.parameters, result.chosen
                 coefficients = coefficients_of(result, len(found))
                 weights = coefficients if not callable(coefficients) else result.record.get("alpha_mean")
-            state = PartialState()
+            state = process_state()
             if not state.is_main_process:  # under accelerate launch, only the main process writes
                 state.wait_for_everyone()
                 return Soup(target, {"method": declared.name, **extra})

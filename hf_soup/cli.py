@@ -40,6 +40,15 @@ def _cook(args: argparse.Namespace) -> int:
         for i in soup.record["ingredients"]
     ]
     print(table(("ingredient", "weight", "metric", "value"), rows))
+    if "report" in soup.record:
+        from .comparison import markdown
+
+        strategy = soup.record["strategy"]
+        print(
+            f"\n{strategy['name']} soup: {len(strategy['chosen'])} of {len(rows)} ingredients, "
+            f"{strategy['evaluations']} evaluations on {strategy['selection_split']!r}\n"
+        )
+        print(markdown(soup.record["report"]) + "\n")
     for note in soup.record["notes"]:
         print(f"note: {note}")
     print(f"soup ({soup.record['method']}) written to {soup.path}")
@@ -74,14 +83,15 @@ def _pantry(args: argparse.Namespace) -> int:
 
 def _methods(args: argparse.Namespace) -> int:
     from .methods import list_methods
+    from .strategies import STRATEGIES
 
     rows = []
-    for method in list_methods():
+    for method in [*list_methods(), *(STRATEGIES[name] for name in sorted(STRATEGIES))]:
         parameters = ", ".join(
             name if p.default is p.empty else f"{name}={p.default!r}" for name, p in method.parameters.items()
         )
-        rows.append((method.name, parameters or "-", method.summary))
-    print(table(("method", "parameters", "what it does"), rows))
+        rows.append((method.name, method.kind, parameters or "-", method.summary))
+    print(table(("name", "kind", "parameters", "what it does"), rows))
     return 0
 
 
@@ -112,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     remove.add_argument("ids", nargs="+")
     remove.set_defaults(run=_pantry)
 
-    methods = commands.add_parser("methods", help="list the registered merge methods and their parameters")
+    methods = commands.add_parser("methods", help="list the registered methods and strategies and their parameters")
     methods.set_defaults(run=_methods)
     return parser
 

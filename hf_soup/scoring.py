@@ -23,6 +23,14 @@ from .tasks import Task, collate, get_task, preprocess_split
 Batches = list[tuple[torch.Tensor, torch.Tensor]]  # (logits, labels) per batch, on the CPU, in split order
 
 
+def process_state():
+    """accelerate's process state; on a machine without GPUs it must be asked for CPU processes (gloo), or a
+    `accelerate launch` run would look like one process."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
 def _lm_pairs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token logits and targets, padding (-100) dropped."""
     logits, labels = logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)
@@ -235,9 +243,7 @@ class Scorer:
     @torch.no_grad()
     def outputs(self, model: torch.nn.Module, split: str) -> Batches:
         """(logits, labels) of every batch of `split`, in order; sharded over processes and gathered."""
-        from accelerate import PartialState
-
-        state = PartialState()
+        state = process_state()
         data = self.split(split)
         if state.num_processes > 1:
             data = data.shard(num_shards=state.num_processes, index=state.process_index, contiguous=True)

@@ -261,3 +261,71 @@ def test_compute_metrics_callable_and_ensembles(ingredients, splits, tmp_path):
     assert rows["greedy"]["validation"] <= rows["uniform"]["validation"]
     assert report["greedy_ensemble"][0] in ("good_a", "good_b")
     assert 0 <= rows["ensemble"]["test"] <= 1 and accuracy.metric.greater_is_better
+
+
+def test_two_process_launch_gives_the_same_trace(ingredients, splits, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from datasets import DatasetDict
+
+    DatasetDict(splits).save_to_disk(str(tmp_path / "data"))
+    script = Path(__file__).parent / "scripts_strategies" / "greedy_launch.py"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    arguments = [str(script), "--ingredients", *map(str, ingredients), "--data", str(tmp_path / "data")]
+    launch = [
+        str(Path(sys.executable).parent / "accelerate"),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "0",
+    ]
+    for name, prefix in (("one", [sys.executable]), ("two", launch)):
+        done = subprocess.run(
+            [*prefix, *arguments, "--output", str(tmp_path / name)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    one = json.loads((tmp_path / "one.rank-0.json").read_text())
+    two = [json.loads((tmp_path / f"two.rank-{rank}.json").read_text()) for rank in (0, 1)]
+    assert [r["world_size"] for r in two] == [2, 2]
+    for result in two:
+        assert result["trace"] == one["trace"]
+        assert result["report"] == one["report"]
+    assert (tmp_path / "two" / "soup.json").is_file()  # written once, by the main process
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".hf_soup-staging")] == []
+
+
+def test_cli_cooks_a_greedy_recipe_and_prints_the_table(ingredients, splits, tmp_path, capsys):
+    from datasets import DatasetDict
+
+    from hf_soup.cli import main
+
+    DatasetDict(splits).save_to_disk(str(tmp_path / "data"))
+    recipe = tmp_path / "greedy.yaml"
+    names = ", ".join(folder.name for folder in ingredients)
+    recipe.write_text(
+        f"method: greedy\ningredients: [{names}]\noutput: soup\nevaluation:\n"
+        "  dataset: {load_from_disk: data}\n  selection_split: validation\n  report_splits: [test, shift]\n"
+    )
+    capsys.readouterr()
+    assert main(["cook", str(recipe), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "greedy soup: 2 of 3 ingredients, 5 evaluations on 'validation'" in out
+    assert "| accuracy | validation (selection) | test | shift |" in out
+    for row in ("best individual", "uniform", "greedy", "ensemble", "greedy ensemble"):
+        assert f"| {row} |" in out
+    assert (tmp_path / "soup" / "model.safetensors").is_file()
