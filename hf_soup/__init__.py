@@ -1,30 +1,81 @@
 """hf_soup: model soups for Hugging Face Transformers.
 
-Collect every fine-tuning run's best checkpoint into a pantry, then cook a soup (an average of their weights) that
-`from_pretrained` loads like any model.
+Collect every fine-tuning run's best checkpoint into a pantry (`SoupCallback`), then cook a soup — an average of
+their weights, chosen by held-out score if you like — that `from_pretrained` loads like any model (`SoupBuilder`,
+`hf-soup cook`). Names are imported on first use, so `from hf_soup import SoupCallback` in a training script does
+not load the cooking machinery.
 """
 
-from .builder import Soup, SoupBuilder
-from .checkpoint import CheckpointReader, CheckpointWriter
-from .errors import SoupError
-from .methods import get_method, list_methods, register_method
-from .pantry import Ingredient, Pantry
-from .recipe import Recipe, load_recipe
+from importlib import import_module
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "SoupCallback": "callback",
+    "Soup": "builder",
+    "SoupBuilder": "builder",
+    "CheckpointReader": "checkpoint",
+    "CheckpointWriter": "checkpoint",
+    "SoupError": "errors",
+    "Evaluation": "evaluation",
+    "Kitchen": "kitchen",
+    "get_method": "methods",
+    "list_methods": "methods",
+    "register_method": "methods",
+    "Ingredient": "pantry",
+    "Pantry": "pantry",
+    "Recipe": "recipe",
+    "load_recipe": "recipe",
+    "Scorer": "scoring",
+    "StrategyResult": "strategies",
+    "Tasting": "strategies",
+    "get_strategy": "strategies",
+    "register_strategy": "strategies",
+}
 
 __all__ = [
     "CheckpointReader",
     "CheckpointWriter",
+    "Evaluation",
     "Ingredient",
+    "Kitchen",
     "Pantry",
     "Recipe",
+    "Scorer",
     "Soup",
     "SoupBuilder",
+    "SoupCallback",
     "SoupError",
-    "__version__",
+    "StrategyResult",
+    "Tasting",
     "get_method",
+    "get_strategy",
     "list_methods",
     "load_recipe",
     "register_method",
+    "register_strategy",
+    "__version__",
 ]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'hf_soup' has no attribute {name!r}")
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .builder import Soup, SoupBuilder
+    from .callback import SoupCallback
+    from .checkpoint import CheckpointReader, CheckpointWriter
+    from .errors import SoupError
+    from .evaluation import Evaluation
+    from .kitchen import Kitchen
+    from .methods import get_method, list_methods, register_method
+    from .pantry import Ingredient, Pantry
+    from .recipe import Recipe, load_recipe
+    from .scoring import Scorer
+    from .strategies import StrategyResult, Tasting, get_strategy, register_strategy

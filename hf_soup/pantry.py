@@ -275,8 +275,9 @@ class Pantry:
 
         Args:
             source (`str` or `os.PathLike`): a model folder (config + safetensors) or a peft adapter folder.
-            link (`str`, *optional*, defaults to `"auto"`): `"auto"` hard-links files where the file system allows and
-                copies otherwise; `"copy"` always copies; `"hardlink"` fails where it cannot link.
+            link (`str`, *optional*, defaults to `"auto"`): `"auto"` hard-links weight files where the file system
+                allows and copies otherwise; `"copy"` always copies; `"hardlink"` fails where it cannot link. Other
+                files (config, tokenizer, trainer state) are always copied.
             ingredient_id (`str`, *optional*): the id; defaults to `<run>-<step>` (made unique).
             Other arguments are recorded as given (see `Ingredient`).
 
@@ -296,7 +297,9 @@ class Pantry:
             for item in sorted(source.iterdir()):
                 if not item.is_file() or SKIPPED_FILES.match(item.name):
                     continue
-                _copy_or_link(item, staging / item.name, link)
+                # Only weights are linked: JSON files (config, trainer state) are rewritten in place by a later
+                # save into the same checkpoint folder, which would change the pantry's copy through the link.
+                _copy_or_link(item, staging / item.name, link if item in weights else "copy")
                 if item in weights:
                     sha256[item.name] = sha256_file(staging / item.name)
                     size += item.stat().st_size
