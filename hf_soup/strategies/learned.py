@@ -16,18 +16,9 @@ from typing import Literal
 
 import torch
 
-from ..checkpoint import FLOAT_DTYPES
 from ..errors import SoupError
 from .registry import StrategyResult, register_strategy
 from .tasting import Tasting
-
-
-def _loss(logits: torch.Tensor, labels: torch.Tensor, causal: bool) -> torch.Tensor:
-    if causal:
-        logits, labels = logits[:, :-1], labels[:, 1:]
-    return torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100
-    )
 
 
 @register_strategy("learned")
@@ -46,26 +37,15 @@ def learned(
     """
     if epochs < 1 or lr <= 0 or batch_size < 1:
         raise SoupError(f"learned: epochs and batch_size must be ≥ 1 and lr > 0 (got {epochs}, {batch_size}, {lr})")
-    kitchen, scorer = tasting.kitchen, tasting.scorer
-    if kitchen.offloaded:
-        raise SoupError("a learned soup needs every weight resident (GPU or CPU): give a device_map without disk")
-    first = tasting.readers[0]
-    floats = [n for n in tasting.names if first.info(n).dtype in FLOAT_DTYPES]
-    group = {name: (i if granularity == "layer" else 0) for i, name in enumerate(floats)}
-    groups, k = (len(floats) if granularity == "layer" else 1), tasting.count
-    raw = torch.full((groups, k), 1.0 / k, requires_grad=True)  # as the paper: softmax of equal values, α uniform
+    scorer, k = tasting.scorer, tasting.count
+    groups = tasting.groups(granularity)
+    rows = max(groups.values(), default=0) + 1
+    raw = torch.full((rows, k), 1.0 / k, requires_grad=True)  # as the paper: softmax of equal values, α uniform
     beta = torch.tensor(1.0, requires_grad=True)
     optimizer = torch.optim.AdamW([raw, beta], lr=lr, weight_decay=0.0)
-
-    def coefficients(alpha: torch.Tensor):
-        return lambda name: alpha[group[name]].tolist() if name in group else [1.0] + [0.0] * (k - 1)
-
     data = scorer.split(tasting.split)
     order = list(range(len(data)))
     shuffler = random.Random(seed)
-    model = kitchen.model
-    for parameter in model.parameters():
-        parameter.requires_grad_(True)
     losses = []
     for _ in range(epochs):
         shuffler.shuffle(order)
@@ -73,32 +53,18 @@ def learned(
         for start in range(0, len(order), batch_size):
             batch = scorer.collator([data[i] for i in order[start : start + batch_size]])
             alpha = torch.softmax(raw, dim=1)
-            tasting.mix(coefficients(alpha.detach()))
-            model.zero_grad(set_to_none=True)
-            model.train(False)
-            logits = scorer.task.outputs(model, batch) * beta
-            loss = _loss(logits, batch["labels"].to(logits.device), scorer.causal)
-            loss.backward()
-            dots = torch.zeros(groups, k)
-            for name in floats:
-                parameter = kitchen.parameter(name)
-                gradient = None if parameter is None else parameter.grad
-                if gradient is None:
-                    continue
-                flat = gradient.detach().float().cpu().reshape(-1)
-                for i, reader in enumerate(tasting.readers):
-                    dots[group[name], i] += torch.dot(flat, reader.get(name).float().reshape(-1))
             optimizer.zero_grad(set_to_none=True)
+            loss, dots = tasting.backward(alpha.detach(), groups, batch, beta)
             alpha.backward(dots)
             optimizer.step()
-            epoch_loss.append(loss.item())
+            epoch_loss.append(loss)
         losses.append(sum(epoch_loss) / len(epoch_loss))
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
-        parameter.grad = None
     alpha = torch.softmax(raw.detach(), dim=1)
-    score = tasting.taste(coefficients(alpha))
-    mixing = coefficients(alpha)
+
+    def mixing(name: str) -> list[float]:
+        return alpha[groups[name]].tolist() if name in groups else [1.0] + [0.0] * (k - 1)
+
+    score = tasting.taste(mixing)
     record = {
         "granularity": granularity,
         "epochs": epochs,
@@ -107,7 +73,7 @@ def learned(
         "beta": beta.item(),
         "loss_per_epoch": losses,
         "alpha_mean": alpha.mean(0).tolist(),
-        "alpha": {name: alpha[group[name]].tolist() for name in floats}
+        "alpha": {name: alpha[row].tolist() for name, row in groups.items()}
         if granularity == "layer"
         else alpha[0].tolist(),
     }

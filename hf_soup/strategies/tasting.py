@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..checkpoint import FLOAT_DTYPES, CheckpointReader
+from ..errors import SoupError
 from ..kitchen import Kitchen
 from ..pantry import Ingredient
 from ..scoring import Batches, Scorer
@@ -23,13 +24,28 @@ logger = logging.getLogger(__name__)
 Coefficients = Sequence[float] | Callable[[str], Sequence[float]]
 
 
+def training_loss(logits: torch.Tensor, labels: torch.Tensor, causal: bool) -> torch.Tensor:
+    """Cross-entropy of logits against labels (next-token, padding -100 ignored, for causal LMs)."""
+    if causal:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    return torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100
+    )
+
+
 def metric_stem(name: str | None) -> str:
     """`"eval_accuracy"` → `"accuracy"`: the Trainer prefixes metric names with the split."""
     return re.sub(r"^(eval|test|validation)_", "", name or "")
 
 
 class Tasting:
-    """The context a strategy tastes candidates in.
+    """The context a strategy tastes candidates in (full models, streamed from their checkpoints).
+
+    Strategies use only this interface, so another kind of ingredient (peft adapters) plugs in with its own class:
+    `ingredients`, `count`, `scorer`, `split`, `evaluations`, `recorded` (indices whose score came from the
+    pantry), `ranking()`, `score(i)`, `outputs(i, split)`,
+    `mix(coefficients)`, `taste(coefficients)`, `taste_uniform(members)`, `groups(granularity)` and
+    `backward(alpha, groups, batch, beta)`.
 
     Args:
         ingredients (`list[Ingredient]`), readers (`list[CheckpointReader]`): in recipe order.
@@ -58,6 +74,8 @@ class Tasting:
         self.reuse_recorded = reuse_recorded
         self.names = readers[0].names()
         self._outputs: dict[tuple[int, str], Batches] = {}
+        self._sum: dict[str, torch.Tensor] = {}  # fp32 running sum of the ingredients in self._summed
+        self._summed: list[int] = []
         self._scores: dict[int, float] = {}
         self.recorded: set[int] = set()
 
@@ -99,6 +117,68 @@ class Tasting:
         """Score the soup Σᵢ cᵢ θᵢ on the selection split."""
         self.mix(coefficients)
         return self.scorer.score(self.kitchen.model, self.split)
+
+    def taste_uniform(self, members: Sequence[int]) -> float:
+        """Score the uniform soup of `members` (in that order) on the selection split.
+
+        An fp32 running sum of a prefix of `members` is kept between calls and extended lazily, so a greedy pass
+        reads one candidate (plus, after an acceptance, the accepted one) per call instead of every member; the
+        result is bit-identical to the `uniform` method over the same members in the same order.
+        """
+        members = list(members)
+        if self._summed != members[: len(self._summed)]:
+            self._sum, self._summed = {}, []
+        floats = set(self.groups("global"))
+        for index in members[len(self._summed) : -1]:
+            first, reader = not self._summed, self.readers[index]
+            for name in floats:
+                tensor = reader.get(name).float()
+                self._sum[name] = tensor.clone() if first else self._sum[name].add_(tensor)
+            self._summed.append(index)
+        last = self.readers[members[-1]]
+        for name in self.names:
+            if name in floats:
+                tensor = last.get(name).float()
+                value = torch.add(self._sum[name], tensor).div_(len(members)) if self._summed else tensor
+            else:
+                value = last.get(name)
+            self.kitchen.write(name, value)
+        return self.scorer.score(self.kitchen.model, self.split)
+
+    def groups(self, granularity: str) -> dict[str, int]:
+        """Which coefficient row each floating tensor uses: its own (`"layer"`) or one for all (`"global"`)."""
+        floats = [n for n in self.names if self.readers[0].info(n).dtype in FLOAT_DTYPES]
+        return {name: (i if granularity == "layer" else 0) for i, name in enumerate(floats)}
+
+    def backward(
+        self, alpha: torch.Tensor, groups: dict[str, int], batch: dict[str, torch.Tensor], beta: torch.Tensor
+    ) -> tuple[float, torch.Tensor]:
+        """Loss of the soup Σᵢ α[g(t), i] θᵢ on `batch` (logits scaled by `beta`, whose gradient is accumulated),
+        and dots[g, i] = ∂loss/∂α[g, i] = Σ_{t in g} ⟨∂loss/∂θ_t, θᵢ_t⟩, streamed ingredient by ingredient.
+        """
+        if self.kitchen.offloaded:
+            raise SoupError("a learned soup needs every weight resident (GPU or CPU): give a device_map without disk")
+        k = self.count
+        self.mix(lambda name: alpha[groups[name]].tolist() if name in groups else [1.0] + [0.0] * (k - 1))
+        model = self.kitchen.model
+        for parameter in model.parameters():
+            parameter.requires_grad_(True)
+        model.zero_grad(set_to_none=True)
+        logits = self.scorer.task.outputs(model, batch) * beta
+        loss = training_loss(logits, batch["labels"].to(logits.device), self.scorer.causal)
+        loss.backward()
+        dots = torch.zeros(alpha.shape)
+        for name, group in groups.items():
+            parameter = self.kitchen.parameter(name)
+            if parameter is None or parameter.grad is None:
+                continue
+            flat = parameter.grad.detach().float().cpu().reshape(-1)
+            for i, reader in enumerate(self.readers):
+                dots[group, i] += torch.dot(flat, reader.get(name).float().reshape(-1))
+        for parameter in model.parameters():
+            parameter.grad = None
+            parameter.requires_grad_(False)
+        return loss.item(), dots
 
     # -- individual ingredients ----------------------------------------------------------------------------------
     def outputs(self, index: int, split: str) -> Batches:
