@@ -23,6 +23,7 @@ from .merge import stream_merge
 from .methods import get_method
 from .pantry import SKIPPED_FILES, Ingredient, Pantry
 from .recipe import Recipe, load_recipe, lookup
+from .schedules import per_tensor
 from .scoring import Scorer, process_state
 from .strategies import STRATEGIES, StrategyResult, Tasting, get_strategy
 
@@ -151,7 +152,8 @@ class SoupBuilder:
                 )
             plan = plan_soup(readers, dtype=dtype, base=base if needs_base else None)
             extra: dict[str, Any] = {}
-            method, method_parameters, chosen = declared, parameters, list(range(len(found)))
+            method, chosen = declared, list(range(len(found)))
+            method_parameters = per_tensor(parameters, getattr(declared, "scalar", []), readers[0].names())
             weights = declared.mixing(parameters, len(found)) if getattr(declared, "mixing", None) else None
             if declared.kind == "strategy":
                 result, extra = self._choose(declared, parameters, found, readers, scorer)

@@ -4,28 +4,38 @@ import torch
 from hf_soup.errors import SoupError
 from hf_soup.methods import METHODS, get_method, list_methods, register_method
 
+# name → (ingredient count, parameters) for the registry-wide checks; methods added later fall back to DEFAULTS.
+EXAMPLES = {"slerp": (2, {"t": 0.3}), "ties": (3, {"density": 0.5}), "dare": (3, {"drop_rate": 0.3})}
+DEFAULTS = {"weights": None, "density": 0.5, "drop_rate": 0.3, "t": 0.5}
 
-def example_parameters(method, count):
-    """Parameters that every registered method accepts for `count` ingredients."""
-    values = {"weights": [1.0 + i for i in range(count)]}
-    return {name: values[name] for name, p in method.parameters.items() if p.default is p.empty}
+
+def example(method):
+    count, given = EXAMPLES.get(method.name, (3, {}))
+    parameters = {name: DEFAULTS[name] for name, p in method.parameters.items() if p.default is p.empty}
+    parameters.update(given)
+    if "weights" in parameters and parameters["weights"] is None:
+        parameters["weights"] = [1.0 + i for i in range(count)]
+    return count, parameters
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_every_method_keeps_shape_is_finite_pure_and_deterministic(name):
     method = get_method(name)
+    count, given = example(method)
     generator = torch.Generator().manual_seed(0)
-    tensors = [torch.randn(4, 6, generator=generator) for _ in range(3)]
+    tensors = [torch.randn(4, 6, generator=generator) for _ in range(count)]
     copies = [t.clone() for t in tensors]
-    parameters = method.bind(example_parameters(method, 3), 3)
+    parameters = method.bind(given, count)
     context = {}
     if method.needs_base:
         context["base"] = torch.randn(4, 6, generator=generator)
     if "generator" in method.context:
         context["generator"] = torch.Generator().manual_seed(1)
+    base_copy = context.get("base", torch.zeros(1)).clone()
     out = method.function(tensors, **parameters, **context)
     assert out.shape == (4, 6) and out.dtype == torch.float32 and torch.isfinite(out).all()
     assert all(torch.equal(a, b) for a, b in zip(tensors, copies)), "inputs were mutated"
+    assert torch.equal(context.get("base", torch.zeros(1)), base_copy), "base was mutated"
     if "generator" in method.context:
         context["generator"] = torch.Generator().manual_seed(1)
     assert torch.equal(out, method.function(tensors, **parameters, **context))
@@ -47,6 +57,8 @@ def test_bind_checks_names_and_types():
         SoupError, match="unknown parameter 'wieghts' for method 'weighted'; accepted: weights, normalize"
     ):
         weighted.bind({"wieghts": [1]}, 1)
+    with pytest.raises(SoupError, match="method 'ties' needs parameter 'density'"):
+        get_method("ties").bind({}, 2)
     with pytest.raises(SoupError, match="weights must be a list, got str"):
         weighted.bind({"weights": "1,2"}, 2)
     with pytest.raises(SoupError, match=r"weights\[1\] must be a number, got str"):

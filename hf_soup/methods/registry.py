@@ -10,6 +10,7 @@ optional. Recipes are checked against this declaration before any tensor is read
 from __future__ import annotations
 
 import inspect
+import types
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -70,8 +71,20 @@ class Declaration:
             else:
                 bound[name] = parameter.default
         if self.check is not None:
-            bound = self.check(bound, count)
+            from ..schedules import is_schedule, values_in
+
+            scheduled = [name for name in self.scalar if is_schedule(bound.get(name))]
+            for name in scheduled:  # every value a schedule can take must pass the method's own checks
+                for value in values_in(bound[name]):
+                    self.check({**bound, **{n: values_in(bound[n])[0] for n in scheduled}, name: value}, count)
+            if not scheduled:
+                bound = self.check(bound, count)
         return bound
+
+    @property
+    def scalar(self) -> list[str]:
+        """Parameters that take one number, and so may be scheduled per tensor (see `hf_soup.schedules`)."""
+        return [name for name, p in self.parameters.items() if _scalar(p.annotation)]
 
 
 @dataclass(frozen=True)
@@ -122,12 +135,21 @@ def declare(
     return parameters, tuple(context)
 
 
+def _scalar(annotation: Any) -> bool:
+    if annotation in (float, int):
+        return True
+    if typing.get_origin(annotation) not in (typing.Union, types.UnionType):
+        return False
+    args = typing.get_args(annotation)
+    return all(a in (float, int, type(None)) for a in args) and any(a in (float, int) for a in args)
+
+
 def _check_type(method: str, name: str, value: Any, annotation: Any) -> Any:
     """Check `value` against a simple annotation (float, int, bool, str, Literal, list[float], optional)."""
     if annotation is inspect.Parameter.empty or annotation is Any:
         return value
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         errors = []
@@ -145,6 +167,10 @@ def _check_type(method: str, name: str, value: Any, annotation: Any) -> Any:
         if not isinstance(value, (list, tuple)):
             raise SoupError(f"method {method!r}: {name} must be a list, got {type(value).__name__} {value!r}")
         return [_check_type(method, f"{name}[{i}]", item, args[0] if args else Any) for i, item in enumerate(value)]
+    if annotation in (float, int) and isinstance(value, list):
+        from ..schedules import validate
+
+        return validate(value, f"method {method!r}: {name}")
     if annotation is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise SoupError(f"method {method!r}: {name} must be a number, got {type(value).__name__} {value!r}")

@@ -25,6 +25,13 @@ def check_weights(parameters: dict[str, Any], count: int, *, allow_negative: boo
     return parameters
 
 
+def check_optional_weights(parameters: dict[str, Any], count: int, *, allow_negative: bool) -> dict[str, Any]:
+    """`check_weights` for methods whose `weights` may be left out (then 1 each)."""
+    if parameters.get("weights") is None:
+        return parameters
+    return check_weights(parameters, count, allow_negative=allow_negative)
+
+
 def effective_weights(weights: list[float], normalize: bool) -> list[float]:
     """The weights applied: divided by their sum when `normalize`."""
     total = sum(weights)

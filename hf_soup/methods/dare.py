@@ -1,0 +1,47 @@
+"""DARE (Yu et al. 2024, https://arxiv.org/abs/2311.03099): drop task-vector entries at random and rescale."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Literal
+
+import torch
+
+from .registry import register_method
+from .sparsify import disjoint_mean, drop_and_rescale, elect_sign, task_vectors, weights_or_ones
+from .weighted import check_optional_weights
+
+
+@register_method("dare", check=partial(check_optional_weights, allow_negative=True))
+def dare(
+    tensors: list[torch.Tensor],
+    *,
+    base: torch.Tensor,
+    generator: torch.Generator,
+    drop_rate: float,
+    weights: list[float] | None = None,
+    merge: Literal["linear", "ties"] = "linear",
+    majority_sign: Literal["total", "frequency"] = "total",
+    scale: float = 1.0,
+) -> torch.Tensor:
+    """DARE: τ̃ᵢ = mᵢ ⊙ τᵢ / (1 − p) with mᵢ ~ Bernoulli(1 − p), then combined.
+
+    `merge: linear` gives θ_base + λ Σᵢ wᵢ τ̃ᵢ (DARE + task arithmetic; with p = 0 it is task arithmetic);
+    `merge: ties` elects signs and takes the disjoint mean of the τ̃ᵢ (DARE-TIES). The masks come from a generator
+    seeded by the recipe's `seed` and the tensor name, so the soup is reproducible.
+
+    Args:
+        drop_rate (`float`): p, the probability of dropping an entry, in [0, 1).
+        weights (`list[float]`, *optional*): one per ingredient (default 1 each).
+        merge (`str`, *optional*, defaults to `"linear"`): `"linear"` or `"ties"`.
+        majority_sign (`str`, *optional*, defaults to `"total"`): for `merge: ties`.
+        scale (`float`, *optional*, defaults to 1.0): λ.
+    """
+    weights = weights_or_ones(weights, len(tensors))
+    taus = [drop_and_rescale(tau, drop_rate, generator) for tau in task_vectors(tensors, base)]
+    if merge == "ties":
+        return base + scale * disjoint_mean(taus, weights, elect_sign(taus, weights, majority_sign))
+    out = base.clone()
+    for weight, tau in zip(weights, taus):
+        out.add_(tau, alpha=scale * weight)
+    return out

@@ -1,0 +1,66 @@
+"""Pure helpers that TIES and DARE are composed of (not registered methods).
+
+All take and return fp32 tensors and never modify their inputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+
+from ..errors import SoupError
+
+
+def task_vectors(tensors: Sequence[torch.Tensor], base: torch.Tensor) -> list[torch.Tensor]:
+    """τᵢ = θᵢ − θ_base."""
+    return [tensor - base for tensor in tensors]
+
+
+def keep_largest(tau: torch.Tensor, density: float) -> torch.Tensor:
+    """Zero all but the `density` fraction of entries of largest magnitude (ties at the threshold are kept)."""
+    if not 0.0 < density <= 1.0:
+        raise SoupError(f"density must be in (0, 1], got {density}")
+    if density == 1.0 or tau.numel() == 0:
+        return tau.clone()
+    keep = max(1, int(round(density * tau.numel())))
+    threshold = tau.abs().flatten().kthvalue(tau.numel() - keep + 1).values
+    return torch.where(tau.abs() >= threshold, tau, torch.zeros_like(tau))
+
+
+def drop_and_rescale(tau: torch.Tensor, drop_rate: float, generator: torch.Generator) -> torch.Tensor:
+    """DARE: drop each entry with probability p and rescale the rest by 1/(1 − p)."""
+    if not 0.0 <= drop_rate < 1.0:
+        raise SoupError(f"drop_rate must be in [0, 1), got {drop_rate}")
+    if drop_rate == 0.0:
+        return tau.clone()
+    keep = torch.rand(tau.shape, generator=generator) >= drop_rate
+    return torch.where(keep, tau / (1.0 - drop_rate), torch.zeros_like(tau))
+
+
+def elect_sign(
+    taus: Sequence[torch.Tensor], weights: Sequence[float], method: Literal["total", "frequency"]
+) -> torch.Tensor:
+    """The sign each entry should have: of the weighted sum (`total`, TIES) or of the majority count (`frequency`)."""
+    if method == "total":
+        mass = sum(w * tau for w, tau in zip(weights, taus))
+    else:
+        mass = sum(torch.sign(tau) for tau in taus)
+    sign = torch.sign(mass)
+    return torch.where(sign == 0, torch.ones_like(sign), sign)
+
+
+def disjoint_mean(taus: Sequence[torch.Tensor], weights: Sequence[float], sign: torch.Tensor) -> torch.Tensor:
+    """Weighted mean, per entry, of the task vectors whose (non-zero) entry agrees with `sign`."""
+    total = torch.zeros_like(taus[0])
+    count = torch.zeros_like(taus[0])
+    for weight, tau in zip(weights, taus):
+        agree = (torch.sign(tau) == sign) & (tau != 0)
+        total += torch.where(agree, weight * tau, torch.zeros_like(tau))
+        count += agree.float() * weight
+    return torch.where(count != 0, total / count.clamp_min(1e-12), torch.zeros_like(total))
+
+
+def weights_or_ones(weights: Sequence[float] | None, count: int) -> list[float]:
+    return [1.0] * count if weights is None else list(weights)
