@@ -138,3 +138,44 @@ def test_schedules_are_validated_against_the_method():
     with pytest.raises(SoupError, match="must be a number or a non-empty list of numbers"):
         slerp.bind({"t": [{"value": "high"}]}, 2)
     assert get_method("ties").scalar == ["density", "scale"]
+
+
+def test_methods_end_to_end_from_recipes(tmp_path, make_ingredients):
+    from conftest import make_model, save_model, state_dict_of
+    from transformers import LlamaForCausalLM
+
+    from hf_soup import SoupBuilder
+
+    base = save_model(make_model("llama", None), tmp_path / "base")
+    folders = make_ingredients(3)
+    states = [state_dict_of(f) for f in folders]
+    base_state = state_dict_of(base)
+    name = "model.layers.1.mlp.up_proj.weight"
+
+    soup = SoupBuilder(folders, method="ties", base_model=str(base), density=0.3).cook(
+        tmp_path / "ties", progress=False
+    )
+    expected = run("ties", [s[name] for s in states], base=base_state[name], density=0.3)
+    assert torch.allclose(state_dict_of(soup.path)[name], expected, atol=1e-7)
+    LlamaForCausalLM.from_pretrained(soup.path)(torch.tensor([[1, 2]]))
+
+    soup = SoupBuilder(folders, method="dare", base_model=str(base), drop_rate=0.4, seed=7).cook(
+        tmp_path / "dare", progress=False
+    )
+    again = SoupBuilder(folders, method="dare", base_model=str(base), drop_rate=0.4, seed=7).cook(
+        tmp_path / "dare2", progress=False
+    )
+    assert torch.equal(state_dict_of(soup.path)[name], state_dict_of(again.path)[name])  # seeded: reproducible
+
+    two = folders[:2]
+    soup = SoupBuilder(two, method="slerp", t=[0.0, 1.0]).cook(tmp_path / "slerp", progress=False)
+    got = state_dict_of(soup.path)
+    first, last = "model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.q_proj.weight"
+    assert torch.equal(got[first], states[0][first]) and torch.allclose(got[last], states[1][last])
+    assert soup.record["parameters"]["t"] == [0.0, 1.0]
+
+    with pytest.raises(SoupError, match="method 'task_arithmetic' needs `base_model:`"):
+        SoupBuilder(folders, method="task_arithmetic")
+    with pytest.raises(SoupError, match="method 'ties' needs parameter 'density'"):
+        SoupBuilder(folders, method="ties", base_model=str(base)).cook(tmp_path / "x", progress=False)
+    assert not (tmp_path / "x").exists()
