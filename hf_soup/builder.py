@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,6 +131,10 @@ class SoupBuilder:
         found = self.ingredients()
         if not found:
             raise SoupError(f"{recipe.source}: the ingredient list is empty; give at least one model folder")
+        if any(ingredient.kind == "adapter" for ingredient, _ in found):  # peft LoRA adapters: soups in adapter space
+            from .adapters import cook_adapters
+
+            return cook_adapters(self, found, target, overwrite=overwrite, progress=progress, scorer=scorer)
         parameters = declared.bind(recipe.parameters, len(found))
         labels = [ingredient.id for ingredient, _ in found]
         folders = [folder for _, folder in found]
@@ -155,6 +160,9 @@ class SoupBuilder:
             method, chosen = declared, list(range(len(found)))
             method_parameters = per_tensor(parameters, getattr(declared, "scalar", []), readers[0].names())
             weights = declared.mixing(parameters, len(found)) if getattr(declared, "mixing", None) else None
+            statistics = None
+            if getattr(declared, "needs_data", False):
+                statistics = self._statistics(declared, parameters, found, readers, scorer, target.parent, stack)
             if declared.kind == "strategy":
                 result, extra = self._choose(declared, parameters, found, readers, scorer)
                 method, method_parameters, chosen = get_method(result.method), result.parameters, result.chosen
@@ -178,6 +186,7 @@ class SoupBuilder:
                     base=base if needs_base else None,
                     seed=recipe.seed,
                     progress=progress,
+                    statistics=statistics,
                 )
                 files = writer.close()
                 _copy_side_files(recipe.base_model or folders[0], staging, dtype)
@@ -188,17 +197,18 @@ class SoupBuilder:
         logger.info("soup written to %s", target)
         return Soup(target, record)
 
-    def _choose(self, strategy, parameters, found, readers, scorer) -> tuple[StrategyResult, dict[str, Any]]:
-        """Run a strategy on one resident model; returns its result and the record (choice and report)."""
+    def _scorer(self, found, scorer: Scorer | None) -> Scorer:
+        """The scorer given, or the one the recipe's `evaluation:` describes."""
+        if scorer is not None:
+            return scorer
+        if self.recipe.evaluation is None:
+            raise SoupError(f"{self.recipe.source}: this recipe scores models on data; add an `evaluation:` section")
+        return self.recipe.evaluation.scorer(_tokenizer(self.recipe.base_model or found[0][1]))
+
+    def _kitchen(self, found, scorer: Scorer) -> Kitchen:
+        """The one resident model, placed as the recipe's `evaluation:` says."""
         evaluation = self.recipe.evaluation
-        if scorer is None:
-            if evaluation is None:
-                raise SoupError(f"strategy {strategy.name!r} needs an `evaluation:` section or a scorer")
-            scorer = evaluation.scorer(_tokenizer(self.recipe.base_model or found[0][1]))
-        selection = evaluation.selection_split if evaluation else next(iter(scorer.splits))
-        report_splits = evaluation.report_splits if evaluation else [s for s in scorer.splits if s != selection]
-        compared = evaluation.compare if evaluation else ["uniform", "ensemble"]
-        kitchen_options = (
+        options = (
             {
                 "device_map": evaluation.device_map,
                 "max_memory": evaluation.max_memory,
@@ -207,10 +217,37 @@ class SoupBuilder:
             if evaluation
             else {}
         )
+        return Kitchen(found[0][1], scorer.task, trust_remote_code=self.recipe.trust_remote_code, **options)
+
+    def _statistics(self, method, parameters, found, readers, scorer, where: Path, stack) -> list[Any]:
+        """Run the method's statistics hook with each ingredient in the resident model; spill each ingredient's
+        statistics to a temporary safetensors file (one ingredient's worth in memory at a time) and return
+        handles that read them back per tensor."""
+        from safetensors import safe_open
+        from safetensors.torch import save_file
+
+        scorer = self._scorer(found, scorer)
+        split = self.recipe.evaluation.selection_split if self.recipe.evaluation else next(iter(scorer.splits))
+        folder = Path(tempfile.mkdtemp(prefix=".hf_soup-statistics-", dir=where if where.is_dir() else None))
+        stack.callback(shutil.rmtree, folder, True)
+        handles = []
+        with self._kitchen(found, scorer) as kitchen:
+            for index, reader in enumerate(readers):
+                kitchen.load((name, reader.get(name)) for name in reader.names())
+                values = method.statistics(kitchen, scorer, split, parameters)
+                save_file({k: v.contiguous() for k, v in values.items()}, str(folder / f"{index}.safetensors"))
+                handles.append(stack.enter_context(safe_open(str(folder / f"{index}.safetensors"), "pt")))
+        return handles
+
+    def _choose(self, strategy, parameters, found, readers, scorer) -> tuple[StrategyResult, dict[str, Any]]:
+        """Run a strategy on one resident model; returns its result and the record (choice and report)."""
+        evaluation = self.recipe.evaluation
+        scorer = self._scorer(found, scorer)
+        selection = evaluation.selection_split if evaluation else next(iter(scorer.splits))
+        report_splits = evaluation.report_splits if evaluation else [s for s in scorer.splits if s != selection]
+        compared = evaluation.compare if evaluation else ["uniform", "ensemble"]
         count = len(found)
-        with Kitchen(
-            found[0][1], scorer.task, trust_remote_code=self.recipe.trust_remote_code, **kitchen_options
-        ) as kitchen:
+        with self._kitchen(found, scorer) as kitchen:
             tasting = Tasting(
                 [ingredient for ingredient, _ in found],
                 readers,

@@ -7,7 +7,6 @@ non-floating tensors (copied, checked equal), finiteness, seeds and progress. Pe
 
 from __future__ import annotations
 
-import math
 import queue
 import threading
 import zlib
@@ -59,37 +58,6 @@ class _BackgroundWriter:
             raise self.error
 
 
-class Scratch:
-    """Reusable read buffers for `merge_tensor`: one fp32 buffer per input, each the size of the largest tensor.
-
-    Inputs are read from the files straight into them (`CheckpointReader.read_into`), so merging a tensor allocates
-    only the method's output, and no file pages stay mapped: memory is flat, whatever the model size.
-
-    Args:
-        count (`int`): the number of inputs (ingredients, plus one for the base model).
-        elements (`int`): the element count of the largest floating tensor.
-    """
-
-    def __init__(self, count: int, elements: int):
-        self.buffers = [torch.empty(elements * 4, dtype=torch.uint8) for _ in range(count)]
-        self.raw: torch.Tensor | None = None  # for inputs stored in another dtype, converted into a buffer
-        self._storages = {buffer.untyped_storage().data_ptr() for buffer in self.buffers}
-
-    def read(self, reader: CheckpointReader, name: str, slot: int) -> torch.Tensor:
-        """Tensor `name` of `reader` as fp32, in buffer `slot` (valid until that slot is read into again)."""
-        info = reader.info(name)
-        if info.dtype == torch.float32:
-            return reader.read_into(name, self.buffers[slot])
-        if self.raw is None or self.raw.numel() < info.nbytes:
-            self.raw = torch.empty(self.buffers[0].numel() * 2, dtype=torch.uint8)
-        out = self.buffers[slot][: math.prod(info.shape) * 4].view(torch.float32).view(info.shape)
-        return out.copy_(reader.read_into(name, self.raw))
-
-    def owns(self, tensor: torch.Tensor) -> bool:
-        """Whether `tensor` lives in one of the buffers (a method returned an input or a view of one)."""
-        return tensor.untyped_storage().data_ptr() in self._storages
-
-
 def _finite(tensor: torch.Tensor) -> bool:
     """No NaN and no Inf; one pass and no allocation (min and max propagate NaN)."""
     if not tensor.numel():
@@ -106,12 +74,11 @@ def merge_tensor(
     *,
     base: CheckpointReader | None = None,
     seed: int = 0,
-    scratch: Scratch | None = None,
+    statistics: Sequence[Any] | None = None,
 ) -> torch.Tensor:
     """Merge one tensor name across ingredients; returns fp32 for floating tensors, the shared value otherwise.
 
     `parameters` is the method's parameters, or a function of the tensor name giving them (per-layer values).
-    With `scratch`, inputs are read into its buffers instead of fresh tensors (same result, flat memory).
     """
     first = readers[0]
     if first.info(name).dtype not in FLOAT_DTYPES:
@@ -123,19 +90,18 @@ def merge_tensor(
                     "and boolean tensors (buffers, ids) cannot be averaged and must be equal in every ingredient"
                 )
         return value
-    if scratch is not None:
-        tensors = [scratch.read(reader, name, slot) for slot, reader in enumerate(readers)]
-    else:
-        tensors = [reader.get(name).float() for reader in readers]
+    tensors = [reader.get(name).float() for reader in readers]
     context: dict[str, Any] = {}
     if "base" in method.context:
-        context["base"] = base.get(name).float() if scratch is None else scratch.read(base, name, len(readers))
+        context["base"] = base.get(name).float()
     if "generator" in method.context:
         context["generator"] = tensor_generator(seed, name)
+    if "statistics" in method.context:
+        context["statistics"] = [
+            handle.get_tensor(name).float() if name in handle.keys() else None for handle in statistics
+        ]
     values = parameters(name) if callable(parameters) else parameters
     out = method.function(tensors, **values, **context)
-    if scratch is not None and scratch.owns(out):
-        out = out.clone()  # the buffers are overwritten by the next tensor, while this one may still be written
     if not _finite(out):
         for reader, tensor in zip(readers, tensors):
             if not _finite(tensor):
@@ -156,21 +122,19 @@ def stream_merge(
     base: CheckpointReader | None = None,
     seed: int = 0,
     progress: bool = True,
+    statistics: Sequence[Any] | None = None,
 ) -> None:
     """Merge every planned tensor and hand it to `writer` (in plan order), writing on a background thread."""
     from tqdm.auto import tqdm
 
     total = sum(info.nbytes for info in plan.infos)
-    inputs = [*readers, *([base] if base is not None else [])]
-    elements = max(
-        (math.prod(info.shape) for info in plan.infos if readers[0].info(info.name).dtype in FLOAT_DTYPES), default=0
-    )
-    scratch = Scratch(len(inputs), elements)
     background = _BackgroundWriter(writer)
     try:
         with tqdm(total=total, unit="B", unit_scale=True, desc=f"cooking {method.name}", disable=not progress) as bar:
             for info in plan.infos:
-                out = merge_tensor(info.name, readers, method, parameters, base=base, seed=seed, scratch=scratch)
+                out = merge_tensor(
+                    info.name, readers, method, parameters, base=base, seed=seed, statistics=statistics
+                )
                 background.put(info.name, out.to(info.dtype))
                 bar.update(info.nbytes)
     finally:

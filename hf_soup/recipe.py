@@ -40,7 +40,10 @@ RECIPE_KEYS = {
     "allow_pickle": "read pickle (.bin) ingredients with torch.load(weights_only=True) (default false)",
     "trust_remote_code": "accept configs with custom code (auto_map) (default false)",
     "evaluation": "data, metric and splits that strategies (greedy, learned) score on",
+    "adapter_output": "for LoRA adapter ingredients: concat (exact, default), svd (with rank), merged, naive",
+    "rank": "rank of the SVD-compressed adapter (adapter_output: svd)",
 }
+ADAPTER_OUTPUTS = ("concat", "svd", "merged", "naive")
 
 
 def lookup(name: Any) -> Declaration:
@@ -71,6 +74,8 @@ class Recipe:
     allow_pickle: bool = False
     trust_remote_code: bool = False
     evaluation: Evaluation | None = None
+    adapter_output: str | None = None
+    rank: int | None = None
     source: str = "<python>"
     raw: dict[str, Any] = field(default_factory=dict)
 
@@ -121,6 +126,16 @@ class Recipe:
             raise SoupError(f"{source}: max_shard_size must be bytes or a size like '5GB', got {max_shard_size!r}")
         parse_size(max_shard_size)
         seed = _typed(data, "seed", int, source)
+        adapter_output, rank = _typed(data, "adapter_output", str, source), _typed(data, "rank", int, source)
+        if adapter_output is not None and adapter_output not in ADAPTER_OUTPUTS:
+            raise SoupError(
+                f"{source}: adapter_output {adapter_output!r} is unknown; choose {', '.join(ADAPTER_OUTPUTS)}"
+            )
+        if (rank is not None or adapter_output == "svd") and (adapter_output != "svd" or rank is None or rank < 1):
+            raise SoupError(
+                f"{source}: adapter_output: svd goes with `rank:`, the rank of the compressed adapter (a positive "
+                f"integer); got adapter_output {adapter_output!r}, rank {rank!r}"
+            )
         recipe = cls(
             method=method.name,
             ingredients=[(base / item).absolute() for item in ingredients or []],
@@ -137,12 +152,14 @@ class Recipe:
             evaluation=None
             if data.get("evaluation") is None
             else Evaluation.from_mapping(data["evaluation"], base_dir=base, source=source),
+            adapter_output=adapter_output,
+            rank=rank,
             source=source,
             raw=dict(data),
         )
-        if method.kind == "strategy" and recipe.evaluation is None:
+        if (method.kind == "strategy" or getattr(method, "needs_data", False)) and recipe.evaluation is None:
             raise SoupError(
-                f"{source}: strategy {method.name!r} scores candidates: add an `evaluation:` section "
+                f"{source}: {method.kind} {method.name!r} needs data: add an `evaluation:` section "
                 "(dataset, selection_split, metric; see README)"
             )
         if getattr(method, "needs_base", False) and recipe.base_model is None:

@@ -57,6 +57,15 @@ TASKS = {
 }
 
 
+def training_loss(logits: torch.Tensor, labels: torch.Tensor, causal: bool) -> torch.Tensor:
+    """Cross-entropy of logits against labels (next-token, padding -100 ignored, for causal LMs)."""
+    if causal:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    return torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100
+    )
+
+
 def get_task(name: str) -> Task:
     if name not in TASKS:
         raise SoupError(f"unknown task {name!r}; tasks: {', '.join(TASKS)}")

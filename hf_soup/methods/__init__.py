@@ -3,8 +3,10 @@
 from . import (  # noqa: F401  (registration)
     dare,
     ema,
+    fisher,
     model_stock,
     multislerp,
+    regmean,
     slerp,
     task_arithmetic,
     ties,

@@ -23,6 +23,8 @@ CONTEXT = {
     "base": "the base model's fp32 tensor of the same name (the recipe must name `base_model`)",
     "generator": "a `torch.Generator` seeded from the recipe's `seed` and the tensor name",
     "seed": "the recipe's `seed` (for strategies that draw random numbers)",
+    "statistics": "per-ingredient statistics of the same tensor (None where there are none), from the method's "
+    "`statistics` hook run on the recipe's evaluation data",
 }
 
 
@@ -97,10 +99,16 @@ class Method(Declaration):
     """
 
     mixing: Callable[[dict[str, Any], int], list[float]] | None = None
+    statistics: Callable[..., dict[str, Any]] | None = None
 
     @property
     def needs_base(self) -> bool:
         return "base" in self.context
+
+    @property
+    def needs_data(self) -> bool:
+        """Whether the method computes statistics on data (it then needs the recipe's `evaluation:`)."""
+        return self.statistics is not None
 
 
 def declare(
@@ -194,6 +202,7 @@ def register_method(
     *,
     check: Callable[[dict[str, Any], int], dict[str, Any]] | None = None,
     mixing: Callable[[dict[str, Any], int], list[float]] | None = None,
+    statistics: Callable[..., dict[str, Any]] | None = None,
     overwrite: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register a merge method; its signature declares its parameters.
@@ -202,6 +211,8 @@ def register_method(
         name (`str`, *optional*): the recipe name; defaults to the function name.
         check (`Callable`, *optional*): `check(parameters, count) -> parameters` for value checks.
         mixing (`Callable`, *optional*): `mixing(parameters, count) -> list[float]` for linear methods.
+        statistics (`Callable`, *optional*): `statistics(kitchen, scorer, split, parameters) -> {name: tensor}`, run
+            with each ingredient loaded in the resident model; the method then takes `statistics` (see `CONTEXT`).
         overwrite (`bool`, *optional*, defaults to `False`): replace an existing method of that name.
 
     Example:
@@ -219,7 +230,9 @@ def register_method(
         if method_name in METHODS and not overwrite:
             raise SoupError(f"method {method_name!r} is already registered; pass overwrite=True to replace it")
         parameters, context = declare(function, method_name, "the list of tensors")
-        METHODS[method_name] = Method(method_name, function, parameters, context, check, mixing)
+        if statistics is not None and "statistics" not in context:
+            raise SoupError(f"method {method_name!r} has a statistics hook but no `statistics` keyword argument")
+        METHODS[method_name] = Method(method_name, function, parameters, context, check, mixing, statistics)
         return function
 
     return decorate

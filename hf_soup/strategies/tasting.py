@@ -18,19 +18,11 @@ from ..errors import SoupError
 from ..kitchen import Kitchen
 from ..pantry import Ingredient
 from ..scoring import Batches, Scorer
+from ..tasks import training_loss
 
 logger = logging.getLogger(__name__)
 
 Coefficients = Sequence[float] | Callable[[str], Sequence[float]]
-
-
-def training_loss(logits: torch.Tensor, labels: torch.Tensor, causal: bool) -> torch.Tensor:
-    """Cross-entropy of logits against labels (next-token, padding -100 ignored, for causal LMs)."""
-    if causal:
-        logits, labels = logits[:, :-1], labels[:, 1:]
-    return torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100
-    )
 
 
 def metric_stem(name: str | None) -> str:
