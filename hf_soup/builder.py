@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import check_output_folder, sha256_file, staged_folder, write_json
-from .checkpoint import CheckpointReader, CheckpointWriter, parse_dtype, weight_files
+from .checkpoint import CheckpointReader, CheckpointWriter, RenamedReader, TensorInfo, parse_dtype, weight_files
 from .comparison import coefficients_of, compare
-from .compat import check_configs, plan_soup
+from .compat import Plan, check_configs, plan_soup
 from .errors import SoupError
 from .kitchen import Kitchen
 from .merge import stream_merge
@@ -155,7 +155,13 @@ class SoupBuilder:
                 base = stack.enter_context(
                     CheckpointReader(recipe.base_model, allow_pickle=recipe.allow_pickle, label="base_model")
                 )
-            plan = plan_soup(readers, dtype=dtype, base=base if needs_base else None)
+            layout = getattr(declared, "layout", None)
+            if layout is not None:  # a rearranging method: one renamed view of the ingredients' tensors
+                merged_from = [RenamedReader(readers, layout(parameters, readers))]
+                plan = Plan([TensorInfo(i.name, i.shape, dtype or i.dtype) for i in merged_from[0].infos()])
+            else:
+                merged_from = readers
+                plan = plan_soup(readers, dtype=dtype, base=base if needs_base else None)
             extra: dict[str, Any] = {}
             method, chosen = declared, list(range(len(found)))
             method_parameters = per_tensor(parameters, getattr(declared, "scalar", []), readers[0].names())
@@ -178,7 +184,7 @@ class SoupBuilder:
                 prefix = "adapter_model" if readers[0].files[0].name.startswith("adapter_model") else "model"
                 writer = CheckpointWriter(staging, plan.infos, max_shard_size=recipe.max_shard_size, prefix=prefix)
                 stream_merge(
-                    [readers[i] for i in chosen],
+                    [merged_from[i] for i in chosen] if layout is None else merged_from,
                     method,
                     method_parameters,
                     plan,
@@ -189,7 +195,11 @@ class SoupBuilder:
                     statistics=statistics,
                 )
                 files = writer.close()
-                _copy_side_files(recipe.base_model or folders[0], staging, dtype)
+                source = folders[parameters["rest"]] if layout is not None else folders[0]
+                _copy_side_files(recipe.base_model or source, staging, dtype)
+                if getattr(declared, "configure", None) is not None and (staging / "config.json").is_file():
+                    config = declared.configure(json.loads((staging / "config.json").read_text()), parameters)
+                    (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
                 record = self._record(found, digests.result(), declared, parameters, weights, plan.notes, files)
                 record.update(extra)
                 write_json(staging / "soup.json", record)

@@ -7,8 +7,10 @@ soon as the tensor is ready: no shard is ever held in memory.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import mmap
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -149,8 +151,22 @@ class TensorInfo:
         return math.prod(self.shape) * _itemsize(self.dtype)
 
 
+@functools.cache
 def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
+
+
+def _data_spans(path: Path) -> dict[str, tuple[int, int]]:
+    """Tensor name → (first byte, end byte) in a safetensors file, from its header."""
+    with open(path, "rb") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(size))
+    start = 8 + size
+    return {
+        name: (start + entry["data_offsets"][0], start + entry["data_offsets"][1])
+        for name, entry in header.items()
+        if name != "__metadata__"
+    }
 
 
 class CheckpointReader:
@@ -172,6 +188,8 @@ class CheckpointReader:
         self.label = label or str(self.folder)
         self.files = weight_files(self.folder, allow_pickle=allow_pickle)
         self._handles: dict[Path, object] = {}
+        self._files: dict[Path, object] = {}  # safetensors files opened for `get`, on first use
+        self._spans: dict[str, tuple[int, int]] = {}  # safetensors: tensor name → (start, end) byte in its file
         self._where: dict[str, Path] = {}
         self._infos: dict[str, TensorInfo] = {}
         self._pickled: dict[Path, dict[str, torch.Tensor]] = {}
@@ -195,6 +213,7 @@ class CheckpointReader:
                 "or corrupt, copy or save it again"
             ) from None
         self._handles[path] = handle
+        self._spans.update(_data_spans(path))  # safe_open has checked the header, offsets included
         for name in handle.keys():
             if name in self._where:
                 raise SoupError(
@@ -250,11 +269,25 @@ class CheckpointReader:
         return name in self._infos
 
     def get(self, name: str) -> torch.Tensor:
-        """Read one tensor (a fresh CPU tensor the caller may keep)."""
+        """Read one tensor: a CPU tensor the caller may keep and change, independent of the file.
+
+        A safetensors tensor is a private copy-on-write map of its own bytes: no copy is made, and its pages stay
+        mapped only while the tensor lives, so streaming tensor by tensor keeps memory flat, whatever the file size
+        (a whole-file map would count every page read so far in the process's resident memory until it is closed).
+        """
         path = self._where[name]
         if path in self._pickled:
             return self._pickled[path][name].clone()
-        return self._handles[path].get_tensor(name)
+        info, (start, end) = self._infos[name], self._spans[name]
+        if start == end:
+            return torch.empty(info.shape, dtype=info.dtype)
+        if path not in self._files:
+            self._files[path] = open(path, "rb")
+        first = start - start % mmap.ALLOCATIONGRANULARITY
+        region = mmap.mmap(self._files[path].fileno(), end - first, offset=first, access=mmap.ACCESS_COPY)
+        # The tensor holds `region`: the map lives exactly as long as the tensor (never close it by hand).
+        data = torch.frombuffer(region, dtype=torch.uint8, count=end - start, offset=start - first)
+        return data.view(info.dtype).view(info.shape)
 
     def metadata(self) -> dict[str, str]:
         """The `__metadata__` of the first safetensors file ({} for pickle)."""
@@ -266,7 +299,10 @@ class CheckpointReader:
             exit_ = getattr(handle, "__exit__", None)
             if exit_ is not None:
                 exit_(None, None, None)
+        for file in self._files.values():
+            file.close()
         self._handles.clear()
+        self._files.clear()
         self._pickled.clear()
 
     def __enter__(self) -> CheckpointReader:
@@ -274,6 +310,36 @@ class CheckpointReader:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class RenamedReader:
+    """A read-only view that presents tensors of several readers under new names (e.g. a stacked model).
+
+    Args:
+        readers: the underlying readers.
+        mapping: `(output name, reader index, source name)` triples, in output order.
+    """
+
+    def __init__(self, readers: Sequence[CheckpointReader], mapping: Sequence[tuple[str, int, str]]):
+        self._readers = list(readers)
+        self._sources = {out: (index, source) for out, index, source in mapping}
+        self.label = "+".join(reader.label for reader in readers)
+        self.files = self._readers[0].files
+
+    def names(self) -> list[str]:
+        return list(self._sources)
+
+    def info(self, name: str) -> TensorInfo:
+        index, source = self._sources[name]
+        info = self._readers[index].info(source)
+        return TensorInfo(name, info.shape, info.dtype)
+
+    def infos(self) -> list[TensorInfo]:
+        return [self.info(name) for name in self._sources]
+
+    def get(self, name: str) -> torch.Tensor:
+        index, source = self._sources[name]
+        return self._readers[index].get(source)
 
 
 def plan_shards(infos: Sequence[TensorInfo], max_shard_size: int) -> list[list[TensorInfo]]:

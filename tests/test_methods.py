@@ -5,14 +5,19 @@ from hf_soup.errors import SoupError
 from hf_soup.methods import METHODS, get_method, list_methods, register_method
 
 # name → (ingredient count, parameters) for the registry-wide checks; methods added later fall back to DEFAULTS.
-EXAMPLES = {"slerp": (2, {"t": 0.3}), "ties": (3, {"density": 0.5}), "dare": (3, {"drop_rate": 0.3})}
+EXAMPLES = {
+    "slerp": (2, {"t": 0.3}),
+    "ties": (3, {"density": 0.5}),
+    "dare": (3, {"drop_rate": 0.3}),
+    "passthrough": (3, {"slices": [{"ingredient": 0, "layers": [0, 1]}]}),
+}
 DEFAULTS = {"weights": None, "density": 0.5, "drop_rate": 0.3, "t": 0.5}
 
 
 def example(method):
     count, given = EXAMPLES.get(method.name, (3, {}))
-    parameters = {name: DEFAULTS[name] for name, p in method.parameters.items() if p.default is p.empty}
-    parameters.update(given)
+    required = [name for name, p in method.parameters.items() if p.default is p.empty and name not in given]
+    parameters = {**{name: DEFAULTS[name] for name in required}, **given}
     if "weights" in parameters and parameters["weights"] is None:
         parameters["weights"] = [1.0 + i for i in range(count)]
     return count, parameters
@@ -31,6 +36,9 @@ def test_every_method_keeps_shape_is_finite_pure_and_deterministic(name):
         context["base"] = torch.randn(4, 6, generator=generator)
     if "generator" in method.context:
         context["generator"] = torch.Generator().manual_seed(1)
+    if "statistics" in method.context:  # Fisher-like diagonals (4×6) or Gram matrices of the inputs (6×6)
+        shape = (6, 6) if name == "regmean" else (4, 6)
+        context["statistics"] = [torch.rand(shape, generator=generator) + torch.eye(*shape) for _ in range(count)]
     base_copy = context.get("base", torch.zeros(1)).clone()
     out = method.function(tensors, **parameters, **context)
     assert out.shape == (4, 6) and out.dtype == torch.float32 and torch.isfinite(out).all()

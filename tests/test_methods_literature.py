@@ -179,3 +179,34 @@ def test_methods_end_to_end_from_recipes(tmp_path, make_ingredients):
     with pytest.raises(SoupError, match="method 'ties' needs parameter 'density'"):
         SoupBuilder(folders, method="ties", base_model=str(base)).cook(tmp_path / "x", progress=False)
     assert not (tmp_path / "x").exists()
+
+
+def test_passthrough_stacks_layers_and_fixes_the_config(tmp_path, make_ingredients):
+    import json
+
+    from conftest import state_dict_of
+    from transformers import LlamaForCausalLM
+
+    from hf_soup import SoupBuilder
+
+    a, b = make_ingredients(2, num_hidden_layers=3)
+    slices = [{"ingredient": 0, "layers": [0, 2]}, {"ingredient": 1, "layers": [1, 3]}]
+    soup = SoupBuilder([a, b], method="passthrough", slices=slices).cook(tmp_path / "stack", progress=False)
+    config = json.loads((soup.path / "config.json").read_text())
+    assert config["num_hidden_layers"] == 4
+    got, sa, sb = state_dict_of(soup.path), state_dict_of(a), state_dict_of(b)
+    q = "model.layers.{}.self_attn.q_proj.weight"
+    assert torch.equal(got[q.format(0)], sa[q.format(0)]) and torch.equal(got[q.format(1)], sa[q.format(1)])
+    assert torch.equal(got[q.format(2)], sb[q.format(1)]) and torch.equal(got[q.format(3)], sb[q.format(2)])
+    assert torch.equal(got["model.embed_tokens.weight"], sa["model.embed_tokens.weight"])
+    model = LlamaForCausalLM.from_pretrained(soup.path)
+    assert len(model.model.layers) == 4 and torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+    with pytest.raises(SoupError, match="ingredient run1 has no layer 3"):
+        SoupBuilder([a, b], method="passthrough", slices=[{"ingredient": 1, "layers": [2, 4]}]).cook(
+            tmp_path / "bad", progress=False
+        )
+    with pytest.raises(SoupError, match=r"slices\[0\].layers must be \[START, END\)"):
+        SoupBuilder([a, b], method="passthrough", slices=[{"ingredient": 0, "layers": [2, 1]}]).cook(
+            tmp_path / "bad", progress=False
+        )
+    assert not (tmp_path / "bad").exists()

@@ -6,6 +6,7 @@ from . import (  # noqa: F401  (registration)
     fisher,
     model_stock,
     multislerp,
+    passthrough,
     regmean,
     slerp,
     task_arithmetic,

@@ -100,6 +100,8 @@ class Method(Declaration):
 
     mixing: Callable[[dict[str, Any], int], list[float]] | None = None
     statistics: Callable[..., dict[str, Any]] | None = None
+    layout: Callable[..., list[tuple[str, int, str]]] | None = None
+    configure: Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]] | None = None
 
     @property
     def needs_base(self) -> bool:
@@ -203,6 +205,8 @@ def register_method(
     check: Callable[[dict[str, Any], int], dict[str, Any]] | None = None,
     mixing: Callable[[dict[str, Any], int], list[float]] | None = None,
     statistics: Callable[..., dict[str, Any]] | None = None,
+    layout: Callable[..., list[tuple[str, int, str]]] | None = None,
+    configure: Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]] | None = None,
     overwrite: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register a merge method; its signature declares its parameters.
@@ -213,6 +217,10 @@ def register_method(
         mixing (`Callable`, *optional*): `mixing(parameters, count) -> list[float]` for linear methods.
         statistics (`Callable`, *optional*): `statistics(kitchen, scorer, split, parameters) -> {name: tensor}`, run
             with each ingredient loaded in the resident model; the method then takes `statistics` (see `CONTEXT`).
+        layout (`Callable`, *optional*): `layout(parameters, readers) -> [(output name, ingredient, source name)]`
+            for methods that rearrange tensors instead of merging same-named ones (passthrough); the function then
+            receives the one source tensor of each output tensor.
+        configure (`Callable`, *optional*): `configure(config, parameters) -> config`, fixes up the soup's config.
         overwrite (`bool`, *optional*, defaults to `False`): replace an existing method of that name.
 
     Example:
@@ -232,7 +240,9 @@ def register_method(
         parameters, context = declare(function, method_name, "the list of tensors")
         if statistics is not None and "statistics" not in context:
             raise SoupError(f"method {method_name!r} has a statistics hook but no `statistics` keyword argument")
-        METHODS[method_name] = Method(method_name, function, parameters, context, check, mixing, statistics)
+        METHODS[method_name] = Method(
+            method_name, function, parameters, context, check, mixing, statistics, layout, configure
+        )
         return function
 
     return decorate
