@@ -19,14 +19,17 @@ def task_vectors(tensors: Sequence[torch.Tensor], base: torch.Tensor) -> list[to
 
 
 def keep_largest(tau: torch.Tensor, density: float) -> torch.Tensor:
-    """Zero all but the `density` fraction of entries of largest magnitude (ties at the threshold are kept)."""
+    """Zero all but the k = max(1, ⌊density · n⌋) entries of largest magnitude (exactly k, as in TIES and mergekit)."""
     if not 0.0 < density <= 1.0:
         raise SoupError(f"density must be in (0, 1], got {density}")
     if density == 1.0 or tau.numel() == 0:
         return tau.clone()
-    keep = max(1, int(round(density * tau.numel())))
-    threshold = tau.abs().flatten().kthvalue(tau.numel() - keep + 1).values
-    return torch.where(tau.abs() >= threshold, tau, torch.zeros_like(tau))
+    keep = max(1, int(density * tau.numel()))
+    flat = tau.flatten()
+    out = torch.zeros_like(flat)
+    top = flat.abs().topk(keep, sorted=False).indices
+    out[top] = flat[top]
+    return out.view_as(tau)
 
 
 def drop_and_rescale(tau: torch.Tensor, drop_rate: float, generator: torch.Generator) -> torch.Tensor:
