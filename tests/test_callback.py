@@ -12,6 +12,7 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import torch  # noqa: E402
+from conftest import ACCELERATE_LAUNCH  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from transformers import (  # noqa: E402
@@ -28,7 +29,6 @@ from hf_soup.pantry import Pantry, config_hash  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "tests" / "scripts_callback" / "train_tiny.py"
-VENV_BIN = Path(sys.executable).parent
 CONFIG = BertConfig(
     vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, num_labels=2
 )
@@ -311,22 +311,7 @@ def finish(process: subprocess.Popen, output: Path, timeout: float = 120) -> lis
 
 
 def test_accelerate_launch_two_processes_write_one_entry(tmp_path):
-    launcher = [
-        str(VENV_BIN / "accelerate"),
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        "0",
-    ]
-    results = finish(run_tiny(tmp_path / "pantry", tmp_path / "out", launcher=launcher), tmp_path / "out")
+    results = finish(run_tiny(tmp_path / "pantry", tmp_path / "out", launcher=ACCELERATE_LAUNCH), tmp_path / "out")
     assert sorted(r["rank"] for r in results) == [0, 1] and {r["world_size"] for r in results} == {2}
     calls = {r["rank"]: r["calls"] for r in results}
     assert calls[0]["check_writable"] >= 1 and calls[0]["add"] >= 1

@@ -5,7 +5,7 @@ import logging
 
 import pytest
 import torch
-from conftest import bert_config, save_model
+from conftest import ACCELERATE_LAUNCH, bert_config, save_model
 
 from hf_soup import Pantry, SoupBuilder, SoupError
 from hf_soup.kitchen import Kitchen
@@ -275,22 +275,7 @@ def test_two_process_launch_gives_the_same_trace(ingredients, splits, tmp_path):
     script = Path(__file__).parent / "scripts_strategies" / "greedy_launch.py"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     arguments = [str(script), "--ingredients", *map(str, ingredients), "--data", str(tmp_path / "data")]
-    launch = [
-        str(Path(sys.executable).parent / "accelerate"),
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        "0",
-    ]
-    for name, prefix in (("one", [sys.executable]), ("two", launch)):
+    for name, prefix in (("one", [sys.executable]), ("two", ACCELERATE_LAUNCH)):
         done = subprocess.run(
             [*prefix, *arguments, "--output", str(tmp_path / name)],
             env=env,
