@@ -19,6 +19,10 @@ _EXPORTS = {
     "CheckpointWriter": "checkpoint",
     "SoupError": "errors",
     "Evaluation": "evaluation",
+    "write_card": "card",
+    "push_to_hub": "hub",
+    "Inspection": "inspection",
+    "inspect_ingredients": "inspection",
     "Kitchen": "kitchen",
     "get_method": "methods",
     "list_methods": "methods",
@@ -39,6 +43,7 @@ __all__ = [
     "CheckpointWriter",
     "Evaluation",
     "Ingredient",
+    "Inspection",
     "Kitchen",
     "Pantry",
     "Recipe",
@@ -51,10 +56,13 @@ __all__ = [
     "Tasting",
     "get_method",
     "get_strategy",
+    "inspect_ingredients",
     "list_methods",
     "load_recipe",
+    "push_to_hub",
     "register_method",
     "register_strategy",
+    "write_card",
     "__version__",
 ]
 
@@ -70,9 +78,12 @@ def __getattr__(name: str):
 if TYPE_CHECKING:  # pragma: no cover
     from .builder import Soup, SoupBuilder
     from .callback import SoupCallback
+    from .card import write_card
     from .checkpoint import CheckpointReader, CheckpointWriter
     from .errors import SoupError
     from .evaluation import Evaluation
+    from .hub import push_to_hub
+    from .inspection import Inspection, inspect_ingredients
     from .kitchen import Kitchen
     from .methods import get_method, list_methods, register_method
     from .pantry import Ingredient, Pantry

@@ -15,10 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import check_output_folder, sha256_file, staged_folder, write_json
+from .card import explain_soup
 from .checkpoint import CheckpointReader, CheckpointWriter, RenamedReader, TensorInfo, parse_dtype, weight_files
 from .comparison import coefficients_of, compare
 from .compat import Plan, check_configs, plan_soup
 from .errors import SoupError
+from .inspection import task_vector_geometry
 from .kitchen import Kitchen
 from .merge import stream_merge
 from .methods import get_method
@@ -42,6 +44,19 @@ class Soup:
 
     path: Path
     record: dict[str, Any]
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *, max_shard_size="5GB", overwrite=False) -> Soup:
+        """Copy the soup to `save_directory` with its weights re-sharded (streamed, staged, renamed)."""
+        from .hub import save_soup
+
+        return save_soup(self.path, save_directory, max_shard_size=max_shard_size, overwrite=overwrite)
+
+    def push_to_hub(self, repo_id: str, *, private=None, revision=None, commit_message=None, token=None) -> str:
+        """Upload the soup folder to a Hub model repository in one commit; returns the commit URL (`hf_soup.hub`)."""
+        from .hub import push_to_hub
+
+        options = {"private": private, "revision": revision, "commit_message": commit_message, "token": token}
+        return push_to_hub(self.path, repo_id, **options)
 
 
 class SoupBuilder:
@@ -134,7 +149,10 @@ class SoupBuilder:
         if any(ingredient.kind == "adapter" for ingredient, _ in found):  # peft LoRA adapters: soups in adapter space
             from .adapters import cook_adapters
 
-            return cook_adapters(self, found, target, overwrite=overwrite, progress=progress, scorer=scorer)
+            soup = cook_adapters(self, found, target, overwrite=overwrite, progress=progress, scorer=scorer)
+            if (soup.path / "soup.json").is_file() and process_state().is_main_process:
+                explain_soup(soup.path)  # card and figures (cook_adapters renames its own staging folder)
+            return soup
         parameters = declared.bind(recipe.parameters, len(found))
         labels = [ingredient.id for ingredient, _ in found]
         folders = [folder for _, folder in found]
@@ -202,7 +220,10 @@ class SoupBuilder:
                     (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
                 record = self._record(found, digests.result(), declared, parameters, weights, plan.notes, files)
                 record.update(extra)
+                if declared.kind == "strategy":  # figure 5's data: angles between task vectors, streamed
+                    record["task_vectors"] = task_vector_geometry(readers, base, labels=labels).to_dict()
                 write_json(staging / "soup.json", record)
+                explain_soup(staging, output=target)  # figures 1, 2, 5 (strategies) and the README.md model card
             state.wait_for_everyone()
         logger.info("soup written to %s", target)
         return Soup(target, record)
@@ -319,6 +340,7 @@ class SoupBuilder:
                     "value": ingredient.value,
                     "split": ingredient.split,
                     "hyperparameters": ingredient.hyperparameters,
+                    "base_model": ingredient.base_model,
                 }
                 for (ingredient, folder), digest, weight in zip(found, digests, weights)
             ],

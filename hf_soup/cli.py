@@ -1,4 +1,4 @@
-"""`hf-soup`: cook soups from recipes, look after pantries, list methods.
+"""`hf-soup`: cook soups from recipes, look after pantries, list methods, inspect, plot and push soups.
 
 Every command is `main(argv) -> int`; bad input prints one line on stderr and returns 2.
 """
@@ -95,6 +95,61 @@ def _methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def _push(args: argparse.Namespace) -> int:
+    from .hub import push_to_hub
+
+    url = push_to_hub(
+        args.soup_dir, args.repo_id, private=args.private or None, revision=args.revision, commit_message=args.message
+    )
+    print(f"pushed {args.soup_dir} to {args.repo_id}: {url}")
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from . import plots
+
+    if args.kind == "report":
+        from .card import read_record, write_card
+
+        read_record(args.target)
+        written = plots.draw_report_figures(args.target)
+        if not written:
+            raise SoupError(
+                f"no figure drawn in {args.target}: matplotlib is missing ({plots.INSTALL_HINT}) or soup.json has no "
+                "report (only greedy/learned soups have one; for angles run `hf-soup plot angles RECIPE`)"
+            )
+        write_card(args.target)
+    else:
+        written = [
+            plots.plot_recipe(
+                args.kind,
+                args.target,
+                output=args.output,
+                pair=args.pair,
+                base=args.base,
+                steps=args.steps,
+                grid=args.grid,
+                span=tuple(args.span),
+                split=args.split,
+                gains=args.gains,
+            )
+        ]
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    import json
+
+    from .inspection import inspect_ingredients
+
+    logging.getLogger("hf_soup.inspection").setLevel(logging.ERROR)  # its warnings are printed with the report
+    report = inspect_ingredients(args.folders, args.base, min_weight_cosine=args.min_cosine)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.text())
+    return 0 if report.compatible else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     from pathlib import Path
 
@@ -124,6 +179,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     methods = commands.add_parser("methods", help="list the registered methods and strategies and their parameters")
     methods.set_defaults(run=_methods)
+
+    push = commands.add_parser("push", help="upload a soup folder to the Hugging Face Hub in one commit")
+    push.add_argument("soup_dir", type=Path)
+    push.add_argument("repo_id", help="user/name or org/name (created when missing)")
+    push.add_argument("--private", action="store_true", help="create the repository private")
+    push.add_argument("--revision", help="branch to commit to (created when missing)")
+    push.add_argument("--message", help="commit message")
+    push.set_defaults(run=_push)
+
+    plot = commands.add_parser("plot", help="draw figures: report SOUP_DIR, or interpolation|landscape|angles RECIPE")
+    plot.add_argument("kind", choices=("report", "interpolation", "landscape", "angles"))
+    plot.add_argument("target", type=Path, help="the soup folder (report) or the recipe YAML (the others)")
+    plot.add_argument("--pair", nargs=2, metavar=("A", "B"), help="two ingredient ids (interpolation, landscape)")
+    plot.add_argument("--output", type=Path, help="folder for the PNG (default: the recipe's soup folder)")
+    plot.add_argument("--base", type=Path, help="base model folder θ₀ (landscape; angles vs the base)")
+    plot.add_argument("--split", help="evaluation split (default: all for interpolation, else the selection split)")
+    plot.add_argument("--steps", type=int, default=11, help="points along α (interpolation, default 11)")
+    plot.add_argument("--grid", type=int, default=11, help="points per axis (landscape, default 11)")
+    plot.add_argument("--span", type=float, nargs=2, default=(-0.5, 1.5), metavar=("LO", "HI"), help="landscape axes")
+    plot.add_argument("--gains", action="store_true", help="angles: also score every pair's soup (k(k-1)/2 runs)")
+    plot.set_defaults(run=_plot)
+
+    inspect = commands.add_parser("inspect", help="compatibility, sizes, task-vector angles and distances")
+    inspect.add_argument("folders", nargs="+", type=Path, help="ingredient folders")
+    inspect.add_argument("--base", type=Path, help="the model they were fine-tuned from")
+    inspect.add_argument("--min-cosine", type=float, default=0.2, help="warn below this weight cosine (default 0.2)")
+    inspect.add_argument("--json", action="store_true", help="print the report as JSON")
+    inspect.set_defaults(run=_inspect)
     return parser
 
 

@@ -15,6 +15,8 @@ import sys  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+torch.set_num_threads(1)  # tiny models: intra-op threads cost more than they give, most of all on a busy machine
+
 # Two CPU processes (gloo) under `accelerate launch`, as a multi-GPU sweep or distributed scoring would run.
 ACCELERATE_LAUNCH = [
     str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",

@@ -43,6 +43,7 @@ def test_uniform_soup_is_the_fp32_mean_and_loads(tmp_path, make_ingredients):
         digest = hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
         assert ingredient["sha256"] == {"model.safetensors": digest}
     assert sorted(p.name for p in soup.path.iterdir()) == [
+        "README.md",
         "config.json",
         "generation_config.json",
         "model.safetensors",

@@ -1,0 +1,302 @@
+"""The model card (README.md) of a soup folder, written from its `soup.json`: where the soup came from and why it is
+better.
+
+YAML metadata (huggingface_hub `ModelCardData`): `base_model`, `tags` (hf_soup, model-soup, merge), `library_name`,
+`pipeline_tag` and a `model-index` with the soup's score on every scored split. Body: the recipe, the ingredients
+(run, hyperparameters, metric, weight or accepted/rejected), the greedy trace or learned coefficients, the comparison
+table, the command that rebuilds the soup, and the figures found in the folder.
+
+Example:
+
+```python
+>>> write_card("soups/greedy")                     # README.md, written atomically
+>>> ModelCard.load("soups/greedy/README.md").data.eval_results[0].metric_value
+```
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from .atomic import write_text
+from .errors import SoupError
+
+TAGS = ["hf_soup", "model-soup", "merge"]
+PIPELINES = {
+    "sequence-classification": "text-classification",
+    "causal-lm": "text-generation",
+    "image-classification": "image-classification",
+}
+ARCHITECTURES = {
+    "ForSequenceClassification": "sequence-classification",
+    "ForCausalLM": "causal-lm",
+    "ForImageClassification": "image-classification",
+}
+PAPER = "https://arxiv.org/abs/2203.05482"
+BUILDERS = {"csv", "json", "parquet", "text", "arrow", "pandas", "sql", "imagefolder", "audiofolder", "webdataset"}
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def read_record(folder: str | os.PathLike) -> dict[str, Any]:
+    """The `soup.json` of a soup folder."""
+    path = Path(folder) / "soup.json"
+    if not path.is_file():
+        raise SoupError(f"{folder} is not a soup folder (no soup.json); give a folder that hf-soup cook wrote")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as error:
+        raise SoupError(f"{path} is not valid JSON ({error}); cook the soup again") from None
+
+
+def _base_models(record: dict[str, Any], folder: Path) -> list[str]:
+    """Hub ids the soup was fine-tuned from (local paths are left out: the Hub would reject them)."""
+    candidates = [record.get("base_model"), *(i.get("base_model") for i in record["ingredients"])]
+    adapter_config = folder / "adapter_config.json"
+    if adapter_config.is_file():
+        candidates.append(json.loads(adapter_config.read_text()).get("base_model_name_or_path"))
+    found = []
+    for name in candidates:
+        if isinstance(name, str) and HUB_ID.match(name) and not os.path.exists(name) and name not in found:
+            found.append(name)
+    return found
+
+
+def _task(record: dict[str, Any], folder: Path) -> str | None:
+    evaluation = record["recipe"].get("evaluation")
+    if isinstance(evaluation, dict):
+        return evaluation.get("task", "sequence-classification")
+    config = folder / "config.json"
+    architectures = json.loads(config.read_text()).get("architectures") or [] if config.is_file() else []
+    return next((task for end, task in ARCHITECTURES.items() for a in architectures if a.endswith(end)), None)
+
+
+def _dataset(record: dict[str, Any]) -> tuple[str, str]:
+    """(name shown, Hub dataset type) of the evaluation data."""
+    dataset = (record["recipe"].get("evaluation") or {}).get("dataset")
+    if isinstance(dataset, dict) and isinstance(dataset.get("path"), str):
+        name = dataset["path"] + (f"/{dataset['name']}" if dataset.get("name") else "")
+        hub = HUB_ID.match(dataset["path"]) and not os.path.exists(dataset["path"]) and dataset["path"] not in BUILDERS
+        return name, dataset["path"] if hub else "custom"
+    if isinstance(dataset, dict) and dataset.get("load_from_disk"):
+        return Path(str(dataset["load_from_disk"])).name, "custom"
+    return "evaluation data", "custom"
+
+
+def eval_results(record: dict[str, Any], folder: Path) -> list:
+    """The soup's score on every scored split, as huggingface_hub `EvalResult`s (empty without a report)."""
+    from huggingface_hub import EvalResult
+
+    report = record.get("report")
+    if not report:
+        return []
+    row = report["rows"].get(record["strategy"]["name"], {})
+    task = PIPELINES.get(_task(record, folder) or "", "text-classification")
+    name, kind = _dataset(record)
+    return [
+        EvalResult(
+            task_type=task,
+            dataset_type=kind,
+            dataset_name=f"{name} ({split})",
+            dataset_split=split,
+            metric_type=report["metric"],
+            metric_name=f"{report['metric']} ({split}{', selection' if split == report['selection_split'] else ''})",
+            metric_value=row[split],
+        )
+        for split in report["splits"]
+        if split in row
+    ]
+
+
+def _cell(value: Any) -> str:
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _ingredients(record: dict[str, Any]) -> list[str]:
+    strategy = record.get("strategy") or {}
+    kept = {step["id"]: step["accepted"] for step in strategy.get("trace", [])}
+    status = "kept" if kept else "weight"
+    lines = [
+        f"| ingredient | run | hyperparameters | metric | {status} | weights sha256 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for item in record["ingredients"]:
+        parameters = ", ".join(f"{k}={v}" for k, v in (item.get("hyperparameters") or {}).items())
+        value = item.get("value")
+        metric = f"{item.get('metric')} = {value:.4g}" if isinstance(value, (int, float)) else "-"
+        if isinstance(value, (int, float)) and item.get("split"):
+            metric += f" ({item['split']})"
+        if kept:
+            decision = "accepted" if kept.get(item["id"]) else "rejected"
+        else:
+            decision = "-" if item.get("weight") is None else f"{item['weight']:.4g}"
+        digests = item.get("sha256") or {}
+        digest = next(iter(digests.values()))[:12] if len(digests) == 1 else f"{len(digests)} files"
+        cells = [item["id"], item.get("run") or "-", parameters or "-", metric, decision, f"`{digest}`"]
+        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    return lines
+
+
+def _strategy(record: dict[str, Any]) -> list[str]:
+    strategy = record.get("strategy")
+    if not strategy:
+        return []
+    metric = (record.get("report") or {}).get("metric", "score")
+    lines = [f"## {strategy['name'].capitalize()} soup", ""]
+    if "score" in strategy:
+        lines.append(
+            f"Chosen on the `{strategy.get('selection_split')}` split: {len(strategy.get('chosen', []))} of "
+            f"{len(record['ingredients'])} ingredients, {strategy.get('evaluations')} evaluations, {metric} "
+            f"{strategy['score']:.4f}."
+        )
+    if strategy.get("trace"):
+        lines += [
+            "",
+            f"| step | candidate | {metric} of the soup with it | soup size | decision |",
+            "|---:|---|---:|---:|---|",
+        ]
+        for n, step in enumerate(strategy["trace"]):
+            decision = "accepted" if step["accepted"] else "rejected"
+            size = step.get("soup_size", "")
+            lines.append(f"| {n} | {_cell(step['id'])} | {step['score']:.4f} | {size} | {decision} |")
+    if "alpha_mean" in strategy:
+        lines += [
+            "",
+            f"Coefficients learned per {'tensor' if strategy.get('granularity') == 'layer' else 'model'} "
+            f"({strategy.get('epochs')} epochs, lr {strategy.get('lr')}, logit scale β = "
+            f"{strategy.get('beta', 1):.4g}; the full table is in `soup.json`).",
+            "",
+            "| ingredient | mean coefficient |",
+            "|---|---:|",
+        ]
+        for item, alpha in zip(record["ingredients"], strategy["alpha_mean"]):
+            lines.append(f"| {_cell(item['id'])} | {alpha:.4f} |")
+        if strategy.get("loss_per_epoch"):
+            lines += ["", "Loss per epoch: " + ", ".join(f"{v:.4f}" for v in strategy["loss_per_epoch"]) + "."]
+    return lines + [""]
+
+
+def _rebuild(record: dict[str, Any], name: str) -> list[str]:
+    import yaml
+
+    recipe = {k: v for k, v in record["recipe"].items() if k != "source"}
+    source = str(record["recipe"].get("source", ""))
+    lines = ["## How to rebuild it", ""]
+    if source.endswith((".yaml", ".yml")):
+        lines += ["```bash", f"hf-soup cook {source} --output {name}", "```", ""]
+        lines.append(f"The recipe (`{source}`; relative paths are resolved against its folder):")
+    else:
+        lines += ["```bash", f"hf-soup cook recipe.yaml --output {name}", "```", ""]
+        lines.append("The recipe was given from Python; saved as `recipe.yaml` it rebuilds the soup:")
+        evaluation = recipe.get("evaluation")
+        if isinstance(evaluation, dict) and isinstance(evaluation.get("splits"), dict):
+            lines.append(
+                "(its evaluation splits were Python objects: replace `splits:` by a `dataset:` that loads them)"
+            )
+            recipe["evaluation"] = {
+                **evaluation,
+                "splits": {split: "<given from Python>" for split in evaluation["splits"]},
+            }
+    dumped = yaml.safe_dump(recipe, sort_keys=False, allow_unicode=True).rstrip()
+    lines += ["", "```yaml", dumped, "```", ""]
+    lines.append("Check the ingredients against the sha256 digests above (`hf-soup pantry verify` for a pantry).")
+    return lines + [""]
+
+
+def _figures(record: dict[str, Any], folder: Path, shown: Path) -> list[str]:
+    from .plots import FIGURES, INSTALL_HINT
+
+    names = [n for n in FIGURES if (folder / n).is_file()]
+    names += sorted(p.name for p in folder.glob("*.png") if p.name not in FIGURES and not p.name.startswith("."))
+    if not names:
+        if record.get("report"):
+            try:
+                import matplotlib  # noqa: F401
+            except ImportError:
+                return [
+                    "## Figures",
+                    "",
+                    f"Figures were skipped: matplotlib is not installed. Install it with `{INSTALL_HINT}` and run "
+                    f"`hf-soup plot report {shown.name}`.",
+                    "",
+                ]
+        return []
+    lines = ["## Figures", ""]
+    for name in names:
+        caption = FIGURES.get(name, name)
+        lines += [f"![{caption}]({name})", "", f"*{caption}*", ""]
+    return lines
+
+
+def card_text(
+    soup_dir: str | os.PathLike, *, output: str | os.PathLike | None = None, repo_id: str | None = None
+) -> str:
+    """The README.md text of a soup folder (see `write_card`)."""
+    from huggingface_hub import ModelCardData
+
+    from .comparison import markdown
+
+    folder = Path(soup_dir)
+    record = read_record(folder)
+    name = repo_id.split("/")[-1] if repo_id else Path(output or folder).absolute().name
+    adapter = any(str(f).startswith("adapter_model") for f in record.get("files", []))
+    task = _task(record, folder)
+    data = ModelCardData(
+        base_model=(lambda found: found[0] if len(found) == 1 else found or None)(_base_models(record, folder)),
+        library_name="peft" if adapter else "transformers",
+        tags=list(TAGS),
+        pipeline_tag=PIPELINES.get(task or ""),
+        model_name=name,
+        eval_results=eval_results(record, folder) or None,
+    )
+    count = len(record["ingredients"])
+    lines = [
+        f"# {name}",
+        "",
+        f"A **{record['method']}** [model soup]({PAPER}) of {count} fine-tuned "
+        f"{'adapters' if adapter else 'models'}, cooked with hf_soup {record.get('hf_soup_version', '')} on "
+        f"{record.get('created_at', '?')}: the weights of the ingredients are averaged into one model of the same "
+        "size, so it costs nothing extra at inference.",
+        "",
+    ]
+    report = record.get("report")
+    if report:
+        lines += ["## Results", "", markdown(report), ""]
+        lines.append(
+            f"Rows: the best individual ingredient (chosen on `{report['selection_split']}`), the soups and the logit "
+            f"ensembles; soups are chosen on `{report['selection_split']}` only, the other splits are reported."
+        )
+        lines.append("")
+    lines += _figures(record, folder, Path(output or folder).absolute())
+    lines += ["## Ingredients", "", *_ingredients(record), ""]
+    lines += _strategy(record)
+    if record.get("notes"):
+        lines += ["## Notes", "", *(f"- {note}" for note in record["notes"]), ""]
+    lines += _rebuild(record, name)
+    return f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines).rstrip() + "\n"
+
+
+def write_card(soup_dir: str | os.PathLike, *, output: str | os.PathLike | None = None, repo_id: str | None = None):
+    """Write the model card `README.md` into a soup folder (atomically); returns its path.
+
+    Args:
+        soup_dir (`str`): the soup folder (or the staging folder of a cook).
+        output (`str`, *optional*): the soup's final folder, when `soup_dir` is a staging folder (names the model).
+        repo_id (`str`, *optional*): the Hub repository it is pushed to (names the model).
+    """
+    path = Path(soup_dir) / "README.md"
+    write_text(path, card_text(soup_dir, output=output, repo_id=repo_id))
+    return path
+
+
+def explain_soup(soup_dir: str | os.PathLike, *, output: str | os.PathLike | None = None) -> None:
+    """What every cook ends with: figures 1, 2 and 5 from `soup.json` (strategy soups), then the model card."""
+    from .plots import draw_report_figures
+
+    record = read_record(soup_dir)
+    if record.get("report") or record.get("task_vectors"):
+        draw_report_figures(soup_dir)
+    write_card(soup_dir, output=output)
