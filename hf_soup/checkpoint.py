@@ -25,6 +25,7 @@ SAFE_SINGLE = ("model.safetensors", "adapter_model.safetensors")
 SAFE_INDEX = ("model.safetensors.index.json",)
 PICKLE_SINGLE = ("pytorch_model.bin", "adapter_model.bin")
 PICKLE_INDEX = ("pytorch_model.bin.index.json",)
+MAP_MIN_BYTES = 1 << 20  # `CheckpointReader.get` maps tensors at least this large on their own
 
 DTYPE_NAMES: dict[torch.dtype, str] = {
     torch.float64: "F64",
@@ -269,22 +270,27 @@ class CheckpointReader:
         return name in self._infos
 
     def get(self, name: str) -> torch.Tensor:
-        """Read one tensor: a CPU tensor the caller may keep and change, independent of the file.
+        """Read one tensor: a CPU tensor the caller may keep and change (changes never reach the file).
 
-        A safetensors tensor is a private copy-on-write map of its own bytes: no copy is made, and its pages stay
-        mapped only while the tensor lives, so streaming tensor by tensor keeps memory flat, whatever the file size
-        (a whole-file map would count every page read so far in the process's resident memory until it is closed).
+        A safetensors tensor of 1 MiB or more is a private copy-on-write map of its own bytes: no copy is made, and
+        its pages stay mapped only while the tensor lives, so streaming tensor by tensor keeps memory flat whatever
+        the file size (tensors from one whole-file map would keep every page read so far resident until the file is
+        closed). Each such tensor holds a file descriptor while it lives; where the process runs out of them (or of
+        address space), and for small tensors, the tensor comes from the whole-file map instead.
         """
         path = self._where[name]
         if path in self._pickled:
             return self._pickled[path][name].clone()
         info, (start, end) = self._infos[name], self._spans[name]
-        if start == end:
-            return torch.empty(info.shape, dtype=info.dtype)
+        if end - start < MAP_MIN_BYTES:
+            return self._handles[path].get_tensor(name)
         if path not in self._files:
             self._files[path] = open(path, "rb")
         first = start - start % mmap.ALLOCATIONGRANULARITY
-        region = mmap.mmap(self._files[path].fileno(), end - first, offset=first, access=mmap.ACCESS_COPY)
+        try:
+            region = mmap.mmap(self._files[path].fileno(), end - first, offset=first, access=mmap.ACCESS_COPY)
+        except OSError:
+            return self._handles[path].get_tensor(name)
         # The tensor holds `region`: the map lives exactly as long as the tensor (never close it by hand).
         data = torch.frombuffer(region, dtype=torch.uint8, count=end - start, offset=start - first)
         return data.view(info.dtype).view(info.shape)
