@@ -149,10 +149,7 @@ class SoupBuilder:
         if any(ingredient.kind == "adapter" for ingredient, _ in found):  # peft LoRA adapters: soups in adapter space
             from .adapters import cook_adapters
 
-            soup = cook_adapters(self, found, target, overwrite=overwrite, progress=progress, scorer=scorer)
-            if (soup.path / "soup.json").is_file() and process_state().is_main_process:
-                explain_soup(soup.path)  # card and figures (cook_adapters renames its own staging folder)
-            return soup
+            return cook_adapters(self, found, target, overwrite=overwrite, progress=progress, scorer=scorer)
         parameters = declared.bind(recipe.parameters, len(found))
         labels = [ingredient.id for ingredient, _ in found]
         folders = [folder for _, folder in found]

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import staged_folder, write_json
+from ..card import explain_soup
 from ..checkpoint import CheckpointReader, parse_dtype
 from ..errors import SoupError
 from ..pantry import Ingredient
@@ -126,6 +127,7 @@ def cook_adapters(
                 base_model=base_name, adapters={a.label: a.summary() for a in adapters}, **approximation, **extra
             )
             write_json(staging / "soup.json", record)
+            explain_soup(staging, output=target)  # the model card, part of the same atomic rename
         state.wait_for_everyone()
     logger.info("adapter soup written to %s", target)
     return Soup(target, record)
