@@ -36,7 +36,7 @@ from .pantry import config_hash, detect_kind
 logger = logging.getLogger(__name__)
 
 MIN_WEIGHT_COSINE = 0.2  # fine-tunes of one base: > 0.9 (fresh heads aside); independently initialised weights: ≈ 0
-CHUNK = 1 << 22  # elements per flat chunk: k × 32 MB in float64 at most, whatever the tensor size
+CHUNK = 1 << 22  # elements per chunk, all ingredients together: a few × 32 MB in float64 whatever k and the size
 
 
 @dataclass
@@ -105,9 +105,10 @@ def task_vector_geometry(
         flats = [reader.get(name).reshape(-1) for reader in readers]
         base_flat = base.get(name).reshape(-1) if base is not None else None
         raw = torch.zeros(k + (base is not None), k + (base is not None), dtype=torch.float64)
-        for start in range(0, flats[0].numel(), CHUNK):
-            stacked = torch.stack([flat[start : start + CHUNK].double() for flat in flats])
-            reference = base_flat[start : start + CHUNK].double() if base_flat is not None else stacked.mean(0)
+        step = max(1 << 12, CHUNK // (k + 1))  # so the float64 temporaries do not grow with k
+        for start in range(0, flats[0].numel(), step):
+            stacked = torch.stack([flat[start : start + step].double() for flat in flats])
+            reference = base_flat[start : start + step].double() if base_flat is not None else stacked.mean(0)
             everything = torch.cat([stacked, reference[None]]) if base_flat is not None else stacked
             raw += _gram(everything)
             gram += _gram(stacked - reference)

@@ -228,11 +228,14 @@ def memory_child(work: Path, k: int) -> None:
         pantry=str(work / "pantry"), select=ingredient_ids(work, GRID[:k]), method="learned", epochs=1,
         granularity="layer", evaluation=evaluation(data, [], names=("validation",)),
     ).cook(work / "memory" / f"k{k}", overwrite=True, progress=False)  # fmt: skip
-    print(json.dumps({"seconds": time.perf_counter() - started}))
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+    print(json.dumps({"seconds": time.perf_counter() - started, "vm_hwm_mb": int(status["VmHWM"].split()[0]) / 1024}))
 
 
 def measure_memory(work: Path, k: int, threads: int | None) -> dict:
-    """Peak RSS (ru_maxrss: counts the file pages it touched) and peak RssAnon (sampled) of one learned cook."""
+    """Peak RSS of one learned cook: VmHWM (the child's own high-water mark, file pages it touched included) and
+    RssAnon sampled every 5 ms (memory it really owns). Not `ru_maxrss` from wait4: a child spawned by a process
+    that once held more memory inherits that process's high-water mark through fork/exec."""
     command = [sys.executable, __file__, "--work", str(work), "--memory-child", str(k), "--threads", str(threads or 0)]
     child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     peak = [0]
@@ -248,13 +251,29 @@ def measure_memory(work: Path, k: int, threads: int | None) -> dict:
 
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
-    _, code, usage = os.wait4(child.pid, 0)  # the child stays a zombie (readable) until waited for
-    child.returncode = os.waitstatus_to_exitcode(code)
+    out = child.stdout.read()
+    child.wait()
     thread.join()
     if child.returncode:
         raise SystemExit(f"memory child k={k} failed with exit code {child.returncode}")
-    seconds = json.loads(child.stdout.read().strip().splitlines()[-1])["seconds"]
-    return {"k": k, "max_rss_mb": usage.ru_maxrss / 1024, "peak_anon_mb": peak[0] / 1024, "seconds": seconds}
+    return {"k": k, "peak_anon_mb": peak[0] / 1024, **json.loads(out.strip().splitlines()[-1])}
+
+
+def geometry(work: Path, ids: list[str]) -> str:
+    """Task vectors τᵢ = θᵢ − θ_init of the ingredients (the paper's figure 5 looks at the angles between them)."""
+    import math
+
+    from hf_soup import Pantry
+    from hf_soup.checkpoint import CheckpointReader
+    from hf_soup.inspection import task_vector_geometry
+
+    pantry = Pantry(work / "pantry")
+    readers = [CheckpointReader(pantry.location(i)) for i in ids]
+    g = task_vector_geometry(readers, CheckpointReader(work / "init"), labels=ids)
+    norms = [math.sqrt(g.gram[i][i]) for i in range(len(ids))]
+    angles = [g.angle[i][j] for i in range(len(ids)) for j in range(i + 1, len(ids))]
+    return (f"- Task vectors from the shared init: ‖τᵢ‖ {min(norms):.2f} to {max(norms):.2f}; angles between them "
+            f"{min(angles):.0f}° to {max(angles):.0f}° (mean {sum(angles) / len(angles):.0f}°).")  # fmt: skip
 
 
 def markdown(work: Path, data, cook: dict, memory: list[dict], grid: list[dict]) -> str:
@@ -299,12 +318,13 @@ def markdown(work: Path, data, cook: dict, memory: list[dict], grid: list[dict])
         f"- Whole cook: {cook['wall_s']:.0f} s wall; all `Kitchen.write` {seconds['.write']:.1f} s, all scoring "
         f"{seconds['.score']:.1f} s, learned-soup steps (mix + forward/backward + streamed dots) "
         f"{timers.get('learned.total', 0.0):.1f} s. Training the {len(grid)} runs: {training / 60:.0f} min.",
+        geometry(work, ids),
     ]
     if memory:
         model_mb = sum(f.stat().st_size for f in (work / "init").glob("*.safetensors")) / 2**20
-        lines += ["", f"| learned soup (1 epoch, by layer, {MEMORY_ROWS} rows) | peak RssAnon (MB) | ru_maxrss"
-                  f" (MB) | seconds | k × model ({model_mb:.0f} MB each) |", "|---|---:|---:|---:|---:|"]  # fmt: skip
-        lines += [f"| k = {m['k']} | {m['peak_anon_mb']:.0f} | {m['max_rss_mb']:.0f} | {m['seconds']:.0f} | "
+        lines += ["", f"| learned soup (1 epoch, by layer, {MEMORY_ROWS} rows) | peak RssAnon (MB) | VmHWM (MB)"
+                  f" | seconds | k × model ({model_mb:.0f} MB each) |", "|---|---:|---:|---:|---:|"]  # fmt: skip
+        lines += [f"| k = {m['k']} | {m['peak_anon_mb']:.0f} | {m['vm_hwm_mb']:.0f} | {m['seconds']:.0f} | "
                   f"{m['k'] * model_mb:.0f} |" for m in memory]  # fmt: skip
     return "\n".join(lines)
 

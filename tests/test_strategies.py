@@ -314,3 +314,32 @@ def test_cli_cooks_a_greedy_recipe_and_prints_the_table(ingredients, splits, tmp
     for row in ("best individual", "uniform", "greedy", "ensemble", "greedy ensemble"):
         assert f"| {row} |" in out
     assert (tmp_path / "soup" / "model.safetensors").is_file()
+
+
+def test_task_vector_geometry_of_a_cook_does_not_grow_with_k(make_ingredients, monkeypatch):
+    """A strategy cook records the task-vector geometry: its float64 chunks, all ingredients together, stay within
+    CHUNK elements whatever k (k × CHUNK grew by ~100 MB per ingredient: more than a MiniLM model each)."""
+    import hf_soup.inspection as inspection
+    from hf_soup.checkpoint import CheckpointReader
+
+    folders = make_ingredients(8, kind="bert", vocab_size=4096)  # word embeddings: 131072 elements
+    monkeypatch.setattr(inspection, "CHUNK", 1 << 15)
+    stack, sizes = torch.stack, []
+
+    def spy(tensors, *args, **kwargs):
+        out = stack(tensors, *args, **kwargs)
+        sizes.append(out.numel())
+        return out
+
+    results = {}
+    for k in (2, 8):
+        readers = [CheckpointReader(folder) for folder in folders[:k]]
+        sizes.clear()
+        monkeypatch.setattr(inspection.torch, "stack", spy)
+        results[k] = inspection.task_vector_geometry(readers)
+        monkeypatch.setattr(inspection.torch, "stack", stack)
+        assert max(sizes) <= inspection.CHUNK
+        monkeypatch.setattr(inspection, "CHUNK", 1 << 30)  # one chunk per tensor: the same geometry
+        whole = inspection.task_vector_geometry(readers)
+        monkeypatch.setattr(inspection, "CHUNK", 1 << 15)
+        assert torch.allclose(torch.tensor(results[k].gram), torch.tensor(whole.gram), rtol=1e-9, atol=1e-12)
