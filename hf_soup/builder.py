@@ -17,7 +17,7 @@ from typing import Any
 from .atomic import check_output_folder, sha256_file, staged_folder, write_json
 from .card import explain_soup
 from .checkpoint import CheckpointReader, CheckpointWriter, RenamedReader, TensorInfo, parse_dtype, weight_files
-from .comparison import coefficients_of, compare
+from .comparison import choose, coefficients_of
 from .compat import Plan, check_configs, plan_soup
 from .errors import SoupError
 from .inspection import task_vector_geometry
@@ -28,7 +28,7 @@ from .pantry import SKIPPED_FILES, Ingredient, Pantry
 from .recipe import Recipe, load_recipe, lookup
 from .schedules import per_tensor
 from .scoring import Scorer, process_state
-from .strategies import STRATEGIES, StrategyResult, Tasting, get_strategy
+from .strategies import StrategyResult, Tasting
 
 logger = logging.getLogger(__name__)
 
@@ -274,7 +274,6 @@ class SoupBuilder:
         selection = evaluation.selection_split if evaluation else next(iter(scorer.splits))
         report_splits = evaluation.report_splits if evaluation else [s for s in scorer.splits if s != selection]
         compared = evaluation.compare if evaluation else ["uniform", "ensemble"]
-        count = len(found)
         with self._kitchen(found, scorer) as kitchen:
             tasting = Tasting(
                 [ingredient for ingredient, _ in found],
@@ -284,31 +283,10 @@ class SoupBuilder:
                 selection,
                 reuse_recorded=evaluation.reuse_recorded_scores if evaluation else True,
             )
-            before = scorer.evaluations
-            context = {"seed": self.recipe.seed} if "seed" in strategy.context else {}
-            result = strategy.function(tasting, **parameters, **context)
-            used = scorer.evaluations - before
-            soups = {"uniform": [1.0 / count] * count} if "uniform" in compared else {}
-            for name in compared:
-                if name in STRATEGIES and name != strategy.name:
-                    other = get_strategy(name)
-                    extra = {"seed": self.recipe.seed} if "seed" in other.context else {}
-                    soups[name] = coefficients_of(other.function(tasting, **extra), count)
-            soups[strategy.name] = coefficients_of(result, count)
-            report = compare(tasting, [selection, *report_splits], soups, ensembles="ensemble" in compared)
-        record = {
-            "strategy": {
-                "name": strategy.name,
-                "parameters": parameters,
-                "selection_split": selection,
-                "score": result.score,
-                "chosen": [found[i][0].id for i in result.chosen],
-                "evaluations": used,
-                **result.record,
-            },
-            "report": report,
-        }
-        return result, record
+            return choose(
+                strategy, parameters, tasting, seed=self.recipe.seed, report_splits=report_splits, compared=compared
+            )
+
 
     def _record(self, found, digests, declared, parameters, weights, notes, files) -> dict[str, Any]:
         from . import __version__

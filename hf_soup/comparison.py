@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .strategies.ensemble import average_logits, greedy_ensemble
-from .strategies.registry import StrategyResult
+from .strategies.registry import STRATEGIES, Strategy, StrategyResult, get_strategy
 from .strategies.tasting import Coefficients, Tasting
 
 
@@ -82,3 +82,43 @@ def markdown(report: Mapping[str, Any]) -> str:
     for name, scores in report["rows"].items():
         lines.append(f"| {name} | " + " | ".join(f"{scores[s]:.4f}" for s in splits) + " |")
     return "\n".join(lines)
+
+
+def choose(
+    strategy: Strategy,
+    parameters: Mapping[str, Any],
+    tasting: Tasting,
+    *,
+    seed: int,
+    report_splits: Sequence[str],
+    compared: Sequence[str],
+) -> tuple[StrategyResult, dict[str, Any]]:
+    """Run a strategy on a tasting, then score the comparison rows; returns its result and the `soup.json` record
+    (the choice under `strategy`, the comparison under `report`). Works for any tasting (full models, adapters)."""
+
+    def run(declared: Strategy, given: Mapping[str, Any]) -> StrategyResult:
+        context = {"seed": seed} if "seed" in declared.context else {}
+        return declared.function(tasting, **given, **context)
+
+    count, before = tasting.count, tasting.scorer.evaluations
+    result = run(strategy, parameters)
+    used = tasting.scorer.evaluations - before
+    soups: dict[str, Coefficients] = {"uniform": [1.0 / count] * count} if "uniform" in compared else {}
+    for name in compared:
+        if name in STRATEGIES and name != strategy.name:
+            soups[name] = coefficients_of(run(get_strategy(name), {}), count)
+    soups[strategy.name] = coefficients_of(result, count)
+    report = compare(tasting, [tasting.split, *report_splits], soups, ensembles="ensemble" in compared)
+    record = {
+        "strategy": {
+            "name": strategy.name,
+            "parameters": dict(parameters),
+            "selection_split": tasting.split,
+            "score": result.score,
+            "chosen": [tasting.ingredients[i].id for i in result.chosen],
+            "evaluations": used,
+            **result.record,
+        },
+        "report": report,
+    }
+    return result, record

@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from .. import comparison
 from ..atomic import staged_folder, write_json
 from ..card import explain_soup
 from ..checkpoint import CheckpointReader, parse_dtype
@@ -169,8 +170,6 @@ def choose(builder, strategy, parameters, found, adapters, base_folder, scorer):
     """Run a strategy on one base model holding every adapter; returns its result and the record (as the builder
     does for full models)."""
     from ..builder import _tokenizer
-    from ..comparison import coefficients_of, compare
-    from ..strategies import STRATEGIES, get_strategy
     from .tasting import AdapterTasting
 
     recipe = builder.recipe
@@ -193,7 +192,6 @@ def choose(builder, strategy, parameters, found, adapters, base_folder, scorer):
         if evaluation
         else {}
     )
-    count = len(found)
     with AdapterTasting(
         [ingredient for ingredient, _ in found],
         adapters,
@@ -211,31 +209,10 @@ def choose(builder, strategy, parameters, found, adapters, base_folder, scorer):
                 f"the adapter files and the peft model disagree on the souped modules ({odd[:3]}); "
                 "save the adapters again with this peft version"
             )
-        before = scorer.evaluations
-        context = {"seed": recipe.seed} if "seed" in strategy.context else {}
-        result = strategy.function(tasting, **parameters, **context)
-        used = scorer.evaluations - before
-        soups = {"uniform": [1.0 / count] * count} if "uniform" in compared else {}
-        for name in compared:
-            if name in STRATEGIES and name != strategy.name:
-                other = get_strategy(name)
-                extra = {"seed": recipe.seed} if "seed" in other.context else {}
-                soups[name] = coefficients_of(other.function(tasting, **extra), count)
-        soups[strategy.name] = coefficients_of(result, count)
-        report = compare(tasting, [selection, *report_splits], soups, ensembles="ensemble" in compared)
-    record = {
-        "strategy": {
-            "name": strategy.name,
-            "parameters": parameters,
-            "selection_split": selection,
-            "score": result.score,
-            "chosen": [found[i][0].id for i in result.chosen],
-            "evaluations": used,
-            **result.record,
-        },
-        "report": report,
-    }
-    return result, record
+        return comparison.choose(
+            strategy, parameters, tasting, seed=recipe.seed, report_splits=report_splits, compared=compared
+        )
+
 
 
 def _check_task(adapters: list[Adapter], scorer) -> None:
