@@ -403,7 +403,9 @@ class CheckpointWriter:
         self._shard_no = -1
 
     def _open_shard(self, shard_no: int) -> None:
-        if self._handle is not None:
+        if self._handle is not None:  # durable before the staging folder is renamed, like the last shard in `close`
+            self._handle.flush()
+            os.fsync(self._handle.fileno())
             self._handle.close()
         header: dict[str, object] = {"__metadata__": self.metadata}
         offset = 0

@@ -71,7 +71,16 @@ def weight_paths(folder: Path) -> list[Path]:
 
 
 def child(mode: str, output: str, folders: list[str]) -> int:
-    """The read floor and the naive way, each in its own process (imports included in the timing)."""
+    """The read floor, the write floor and the naive way, each in its own process (imports included)."""
+    if mode == "write":  # as many bytes as one ingredient's weights written and fsynced: what a durable output costs
+        size, chunk = sum(path.stat().st_size for path in weight_paths(Path(folders[0]))), bytes(16 << 20)
+        Path(output).mkdir(parents=True, exist_ok=True)
+        with open(f"{output}/model.safetensors", "wb") as handle:
+            for start in range(0, size, len(chunk)):
+                handle.write(chunk[: size - start])
+            handle.flush()
+            os.fsync(handle.fileno())
+        return 0
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
@@ -136,6 +145,7 @@ def contenders(args, work: Path, folders: list[Path], out: Path) -> dict[str, tu
     cook = [args.hf_soup_bin, "cook", "--quiet"]
     found = {
         "read floor": (helper("floor", "-", *map(str, folders)), None),
+        "write floor (no torch)": (helper("write", str(out / "write"), str(folders[0])), "write"),
         "hf-soup cook": ([*cook, str(recipe), "--output", str(out / "cook")], "cook"),
         "hf-soup cook, pantry": ([*cook, str(pantry), "--output", str(out / "cook-pantry")], "cook-pantry"),
         "naive (load all, average)": (helper("naive", str(out / "naive"), *map(str, folders)), "naive"),
@@ -175,7 +185,7 @@ def compare(folders: list[Path], outputs: dict[str, Path]) -> dict[str, str]:
 
 
 def bench(args, size: str, k: int, folders: list[Path]) -> list[dict]:
-    work, out = args.work, args.work / "out"
+    work, out = args.work, args.out or args.work / "out"
     files = [path for folder in folders for path in weight_paths(folder)]
     runs = contenders(args, work, folders, out)
     times: dict[str, list[tuple[float, float, float, float]]] = {name: [] for name in runs}
@@ -187,7 +197,7 @@ def bench(args, size: str, k: int, folders: list[Path]) -> list[dict]:
             result = measure(command)
             if attempt:
                 times[name].append(result)
-    outputs = {name: str(output) for name, (_, output) in runs.items() if output is not None}
+    outputs = {name: str(output) for name, (_, output) in runs.items() if output is not None and "floor" not in name}
     job = json.dumps({"folders": [str(f) for f in folders], "outputs": outputs})
     identical = json.loads(subprocess.run(helper("compare", job), check=True, capture_output=True, text=True).stdout)
     params = sum(math.prod(v["shape"]) for v in _header(files[0]).values())
@@ -246,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("bench_work/merge"), help="ingredients and outputs")
+    parser.add_argument("--out", type=Path, help="where outputs are written (default: WORK/out)")
     parser.add_argument("--ks", type=int, nargs="+", default=[4, 8], help="numbers of ingredients")
     parser.add_argument("--size", choices=["small", "large", "both"], default="small")
     parser.add_argument("--large-ks", type=int, nargs="+", help="ks for the large model (default: --ks)")
@@ -254,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hf-soup-bin", default=str(Path(sys.executable).with_name("hf-soup")))
     parser.add_argument("--mergekit-bin", default=shutil.which("mergekit-yaml"), help="default: PATH, else skipped")
     args = parser.parse_args(argv)
-    args.work = args.work.absolute()
+    args.work, args.out = args.work.absolute(), args.out.absolute() if args.out else None
     if not args.mergekit_bin:
         print("mergekit-yaml not found (--mergekit-bin PATH); mergekit skipped", file=sys.stderr)
     rows = []
@@ -264,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         folders = [args.work / size / f"ingredient-{i}" for i in range(max(ks))]
         for k in ks:
             rows += bench(args, size, k, folders[:k])
-    shutil.rmtree(args.work / "out", ignore_errors=True)
+    shutil.rmtree(args.out or args.work / "out", ignore_errors=True)
     print(markdown(rows) if args.markdown else json.dumps(rows, indent=2))
     return 0
 
