@@ -150,6 +150,13 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0 if report.compatible else 1
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(args.output, runs=args.runs, quick=args.quick, progress=not args.no_progress)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from pathlib import Path
 
@@ -191,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     plot = commands.add_parser("plot", help="draw figures: report SOUP_DIR, or interpolation|landscape|angles RECIPE")
     plot.add_argument("kind", choices=("report", "interpolation", "landscape", "angles"))
     plot.add_argument("target", type=Path, help="the soup folder (report) or the recipe YAML (the others)")
-    plot.add_argument("--pair", nargs=2, metavar=("A", "B"), help="two ingredient ids (interpolation, landscape)")
+    plot.add_argument("--pair", nargs=2, metavar=("A", "B"), help="two ingredient ids (default: the best two)")
     plot.add_argument("--output", type=Path, help="folder for the PNG (default: the recipe's soup folder)")
     plot.add_argument("--base", type=Path, help="base model folder θ₀ (landscape; angles vs the base)")
     plot.add_argument("--split", help="evaluation split (default: all for interpolation, else the selection split)")
@@ -207,6 +214,13 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--min-cosine", type=float, default=0.2, help="warn below this weight cosine (default 0.2)")
     inspect.add_argument("--json", action="store_true", help="print the report as JSON")
     inspect.set_defaults(run=_inspect)
+
+    demo = commands.add_parser("demo", help="fine-tune all-MiniLM-L6-v2 on real data K times, cook and compare soups")
+    demo.add_argument("--output", type=Path, default=Path("demo_output"), help="demo folder (default demo_output)")
+    demo.add_argument("--runs", type=int, default=4, help="number of fine-tunes, 2 to 8 (default 4)")
+    demo.add_argument("--quick", action="store_true", help="less data and one epoch per run (about 2 minutes)")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+    demo.set_defaults(run=_demo)
     return parser
 
 

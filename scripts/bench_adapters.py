@@ -18,14 +18,11 @@ uniform, a greedy and a learned soup. Usage::
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
-import random
 import shutil
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
@@ -33,14 +30,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-SDIST = "vaderSentiment-3.3.2.tar.gz"
-DOMAINS = {
-    "movie": "movieReviewSnippets",
-    "amazon": "amazonReviewSnippets",
-    "nyt": "nytEditorialSnippets",
-    "tweets": "tweets",
-}
-SHIFTS = ("amazon", "nyt", "tweets")
+from hf_soup.demo.data import SHIFTS  # noqa: E402
+
 SIZES = {
     "full": dict(train=2500, validation=600, test=1000, shift=1000),
     "quick": dict(train=300, validation=120, test=120, shift=120),
@@ -75,39 +66,17 @@ def write_json(path: Path, value) -> None:
 
 
 def splits(work: Path, sizes: dict, sdist: Path | None):
-    """The raw splits (text, label), built once from the sdist (downloaded with pip when not given)."""
+    """The raw splits (text, label) from `hf_soup.demo.data`, saved once (the sdist from --sdist's folder, else
+    fetched into WORK/data)."""
     import datasets
+
+    from hf_soup.demo.data import vader_splits
 
     folder = work / "data" / "splits"
     if folder.is_dir():
         return datasets.load_from_disk(str(folder))
-    if sdist is None:
-        sdist = work / "data" / SDIST
-        if not sdist.is_file():
-            command = ["pip", "download", "--no-deps", "--no-binary", ":all:", "vaderSentiment==3.3.2"]
-            subprocess.run([sys.executable, "-m", *command, "-d", str(sdist.parent)], check=True)
-    with tarfile.open(sdist) as outer:
-        blob = outer.extractfile("vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz").read()
-    rows: dict[str, list[tuple[str, int]]] = {}
-    with tarfile.open(fileobj=io.BytesIO(blob)) as inner:
-        for domain, stem in DOMAINS.items():
-            raw = inner.extractfile(f"hutto_ICWSM_2014/{stem}_GroundTruth.txt").read().decode("utf-8", "replace")
-            parsed = [line.split("\t", 2) for line in raw.splitlines() if line.count("\t") >= 2]
-            rows[domain] = [(t.strip(), int(float(s) > 0)) for _, s, t in parsed if abs(float(s)) > 0.5]
-            random.Random(0).shuffle(rows[domain])
-    movie, n = rows["movie"], sizes
-    cut = {
-        "train": movie[: n["train"]],
-        "validation": movie[n["train"] : n["train"] + n["validation"]],
-        "test": movie[n["train"] + n["validation"] : n["train"] + n["validation"] + n["test"]],
-    }
-    cut.update({domain: rows[domain][: n["shift"]] for domain in SHIFTS})
-    data = datasets.DatasetDict(
-        {
-            name: datasets.Dataset.from_dict({"text": [t for t, _ in part], "label": [label for _, label in part]})
-            for name, part in cut.items()
-        }
-    )
+    cache = sdist.parent if sdist is not None else work / "data"
+    data = vader_splits(sizes["train"], sizes["validation"], sizes["test"], sizes["shift"], cache=cache)
     data.save_to_disk(str(folder))
     return data
 

@@ -16,14 +16,11 @@ the learned soup's peak memory for k = 2, 4, 8 (one child process each). Usage::
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
-import random
 import shutil
 import subprocess
 import sys
-import tarfile
 import threading
 import time
 from pathlib import Path
@@ -32,9 +29,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-SDIST = "vaderSentiment-3.3.2"
-DOMAINS = {"movie": "movieReview", "amazon": "amazonReview", "nyt": "nytEditorial", "tweets": ""}  # file names
-SHIFTS = ("amazon", "nyt", "tweets")
+from hf_soup.demo.data import SHIFTS  # noqa: E402
+
 SIZES = {"full": (1500, 500, 800, 700), "quick": (300, 160, 160, 160)}  # train, validation, test, each shift
 MAX_LENGTH = 64
 MEMORY_ROWS = 128  # selection rows for the memory runs (memory does not depend on them; time does)
@@ -64,36 +60,17 @@ def write_json(path: Path, value) -> None:
 
 
 def splits(work: Path, sizes: tuple[int, ...] = ()):
-    """The raw splits (text, label), built once from the sdist (fetched with `pip download` when missing).
+    """The raw splits (text, label) from `hf_soup.demo.data` (the sdist fetched into WORK/data), saved once.
 
     Evaluation splits are sorted by length (less padding; accuracy does not depend on the order)."""
     import datasets
 
+    from hf_soup.demo.data import vader_splits
+
     folder = work / "data" / "splits"
     if folder.is_dir():
         return datasets.load_from_disk(str(folder))
-    sdist = work / "data" / f"{SDIST}.tar.gz"
-    if not sdist.is_file():
-        pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-d", str(sdist.parent)]
-        subprocess.run([*pip, SDIST.replace("-", "==")], check=True)
-    with tarfile.open(sdist) as outer:
-        blob = outer.extractfile(f"{SDIST}/additional_resources/hutto_ICWSM_2014.tar.gz").read()
-    rows: dict[str, list[tuple[str, int]]] = {}
-    with tarfile.open(fileobj=io.BytesIO(blob)) as inner:
-        for domain, stem in DOMAINS.items():
-            name = f"hutto_ICWSM_2014/{stem + 'Snippets' if stem else 'tweets'}_GroundTruth.txt"
-            parsed = [line.split("\t", 2) for line in inner.extractfile(name).read().decode().splitlines()]
-            rows[domain] = [(t.strip(), int(float(s) > 0)) for _, s, t in parsed if abs(float(s)) > 0.5]
-            random.Random(0).shuffle(rows[domain])
-    train, validation, test, shift = sizes
-    movie = rows["movie"]
-    parts = {"train": movie[:train], "validation": movie[train : train + validation]}
-    parts["test"] = movie[train + validation : train + validation + test]
-    parts.update({domain: rows[domain][:shift] for domain in SHIFTS})
-    data = datasets.DatasetDict()
-    for name, part in parts.items():
-        part = part if name == "train" else sorted(part, key=lambda row: len(row[0]))
-        data[name] = datasets.Dataset.from_dict({"text": [t for t, _ in part], "label": [y for _, y in part]})
+    data = vader_splits(*sizes, cache=work / "data", sort_by_length=True)
     data.save_to_disk(str(folder))
     return data
 
