@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .atomic import check_output_folder, sha256_file, staged_folder, write_json
+from .atomic import check_output_folder, staged_folder, write_json
+from .cache import cached_sha256
 from .card import explain_soup
 from .checkpoint import CheckpointReader, CheckpointWriter, RenamedReader, TensorInfo, parse_dtype, weight_files
 from .comparison import choose, coefficients_of
@@ -287,7 +288,6 @@ class SoupBuilder:
                 strategy, parameters, tasting, seed=self.recipe.seed, report_splits=report_splits, compared=compared
             )
 
-
     def _record(self, found, digests, declared, parameters, weights, notes, files) -> dict[str, Any]:
         from . import __version__
 
@@ -335,13 +335,14 @@ def _tokenizer(folder: Path):
 
 
 def _ingredient_digests(found: list[tuple[Ingredient, Path]], allow_pickle: bool) -> list[dict[str, str]]:
-    """sha256 of each ingredient's weight files: from the pantry ledger where recorded, else computed."""
+    """sha256 of each ingredient's weight files: from the pantry ledger where recorded, else from the digest cache
+    (`hf_soup.cache`) or computed."""
     digests = []
     for ingredient, folder in found:
         if ingredient.sha256:
             digests.append(dict(ingredient.sha256))
         else:
-            digests.append({path.name: sha256_file(path) for path in weight_files(folder, allow_pickle=allow_pickle)})
+            digests.append(cached_sha256(list(weight_files(folder, allow_pickle=allow_pickle))))
     return digests
 
 

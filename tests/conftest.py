@@ -15,6 +15,23 @@ import sys  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+
+def _private_cache() -> None:
+    """Tests write hf_soup's cache (sha256 digests) into a temporary folder, never the user's; the demo data that
+    `scripts/dev.sh` fetched into the real cache is linked in (the tests are offline)."""
+    import tempfile
+
+    from hf_soup.cache import cache_dir
+    from hf_soup.demo.data import SDIST
+
+    real = cache_dir() / SDIST
+    private = Path(tempfile.mkdtemp(prefix="hf_soup-test-cache-"))
+    if real.is_file():
+        (private / SDIST).symlink_to(real)
+    os.environ["HF_SOUP_CACHE"] = str(private)
+
+
+_private_cache()
 torch.set_num_threads(1)  # tiny models: intra-op threads cost more than they give, most of all on a busy machine
 
 # Two CPU processes (gloo) under `accelerate launch`, as a multi-GPU sweep or distributed scoring would run.
