@@ -132,9 +132,7 @@ def stream_merge(
     try:
         with tqdm(total=total, unit="B", unit_scale=True, desc=f"cooking {method.name}", disable=not progress) as bar:
             for info in plan.infos:
-                out = merge_tensor(
-                    info.name, readers, method, parameters, base=base, seed=seed, statistics=statistics
-                )
+                out = merge_tensor(info.name, readers, method, parameters, base=base, seed=seed, statistics=statistics)
                 background.put(info.name, out.to(info.dtype))
                 bar.update(info.nbytes)
     finally:

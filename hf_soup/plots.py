@@ -381,6 +381,8 @@ def plot_recipe(kind: str, recipe, *, output=None, pair=None, base=None, split=N
             if name not in ids:
                 raise SoupError(f"no ingredient {name!r} in the recipe; its ingredients: {', '.join(ids)}")
             index.append(ids.index(name))
+        if kind in ("interpolation", "landscape") and not pair:  # default: the two best by selection score
+            index = tasting.ranking()[:2]
         if kind in ("interpolation", "landscape") and len(index) != 2:
             raise SoupError(f"plot {kind} needs --pair A B (two of: {', '.join(ids)})")
         base = base or builder.recipe.base_model

@@ -214,7 +214,6 @@ def choose(builder, strategy, parameters, found, adapters, base_folder, scorer):
         )
 
 
-
 def _check_task(adapters: list[Adapter], scorer) -> None:
     expected = {"sequence-classification": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}.get(scorer.task.name)
     task_type = adapters[0].config.get("task_type")
