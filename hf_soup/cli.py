@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -226,6 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run `hf-soup` with `argv` (default: the command line); returns the exit code."""
+    # Idle OpenMP threads sleep instead of spinning: a cook is memory-bound, and spinning threads take the cores the
+    # writer and hashing threads need (about 1 s of 7 on a 2-core machine, scripts/bench_merge.py). Read when torch
+    # is first imported, which happens after this line.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="hf-soup: %(message)s")

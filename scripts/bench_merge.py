@@ -14,6 +14,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -148,6 +149,8 @@ def contenders(args, work: Path, folders: list[Path], out: Path) -> dict[str, tu
         "write floor (no torch)": (helper("write", str(out / "write"), str(folders[0])), "write"),
         "hf-soup cook": ([*cook, str(recipe), "--output", str(out / "cook")], "cook"),
         "hf-soup cook, pantry": ([*cook, str(pantry), "--output", str(out / "cook-pantry")], "cook-pantry"),
+        # a first cook of these folders: no digest in hf_soup's sha256 cache yet, so every weight file is hashed
+        "hf-soup cook, first time": (first_time(cook, recipe, out / "cook-first", work / "empty-cache"), "cook-first"),
         "naive (load all, average)": (helper("naive", str(out / "naive"), *map(str, folders)), "naive"),
     }
     if args.mergekit_bin:
@@ -157,6 +160,12 @@ def contenders(args, work: Path, folders: list[Path], out: Path) -> dict[str, tu
         command = [args.mergekit_bin, str(config), str(out / "mergekit"), "--no-copy-tokenizer", "--quiet"]
         found["mergekit linear"] = (command, "mergekit")
     return {name: (command, out / sub if sub else None) for name, (command, sub) in found.items()}
+
+
+def first_time(cook: list[str], recipe: Path, output: Path, cache: Path) -> list[str]:
+    """`hf-soup cook` with an emptied sha256 cache (`HF_SOUP_CACHE`), as the first cook of new folders runs."""
+    line = " ".join(map(shlex.quote, [*cook, str(recipe), "--output", str(output)]))
+    return ["bash", "-c", f"rm -rf {shlex.quote(str(cache))} && HF_SOUP_CACHE={shlex.quote(str(cache))} exec {line}"]
 
 
 def compare(folders: list[Path], outputs: dict[str, Path]) -> dict[str, str]:
