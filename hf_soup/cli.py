@@ -218,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="fine-tune all-MiniLM-L6-v2 on real data K times, cook and compare soups")
     demo.add_argument("--output", type=Path, default=Path("demo_output"), help="demo folder (default demo_output)")
-    demo.add_argument("--runs", type=int, default=4, help="number of fine-tunes, 2 to 8 (default 4)")
+    demo.add_argument("--runs", type=int, help="number of fine-tunes, 2 to 8 (default 4; 3 with --quick)")
     demo.add_argument("--quick", action="store_true", help="less data and one epoch per run (about 2 minutes)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(run=_demo)

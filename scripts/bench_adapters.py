@@ -50,6 +50,8 @@ GRID = [  # rank 8 everywhere, so that the naive A/B average (one rank per modul
     ]
 ]
 SPLITS = ("validation", "test", *SHIFTS)
+# The cost runs compare the two ways on the same work, not the soups' quality: one learned epoch is enough for that.
+COST_OPTIONS = {"greedy": {}, "learned": {"epochs": 1}}
 
 
 def run_name(i: int, hp: dict) -> str:
@@ -258,18 +260,18 @@ def measure(mode: str, work: Path) -> dict:
         SoupBuilder(folders, method="uniform", adapter_output=output).cook(out / "soup", progress=False)
     elif mode in ("adapter-greedy", "adapter-learned"):
         strategy = mode.split("-")[1]
-        SoupBuilder(folders, method=strategy, evaluation=evaluation(load_data(work), compare=[])).cook(
-            out / "soup", progress=False
-        )
+        SoupBuilder(
+            folders, method=strategy, evaluation=evaluation(load_data(work), compare=[]), **COST_OPTIONS[strategy]
+        ).cook(out / "soup", progress=False)
     elif mode in ("full-first", "full-first-greedy", "full-first-learned"):
         merged = merge_each(folders, base, out / "merged")
         if mode == "full-first":
             SoupBuilder(merged, method="uniform").cook(out / "soup", progress=False)
         else:
             strategy = mode.split("-")[2]
-            SoupBuilder(merged, method=strategy, evaluation=evaluation(load_data(work), compare=[])).cook(
-                out / "soup", progress=False
-            )
+            SoupBuilder(
+                merged, method=strategy, evaluation=evaluation(load_data(work), compare=[]), **COST_OPTIONS[strategy]
+            ).cook(out / "soup", progress=False)
     else:
         raise SystemExit(f"unknown mode {mode}")
     seconds = time.perf_counter() - start
