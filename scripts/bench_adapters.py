@@ -50,8 +50,10 @@ GRID = [  # rank 8 everywhere, so that the naive A/B average (one rank per modul
     ]
 ]
 SPLITS = ("validation", "test", *SHIFTS)
-# The cost runs compare the two ways on the same work, not the soups' quality: one learned epoch is enough for that.
+# The cost runs compare the two ways on the same work, not the soups' quality: one learned epoch, and the selection
+# split only.
 COST_OPTIONS = {"greedy": {}, "learned": {"epochs": 1}}
+COST_SPLITS = ("validation",)
 
 
 def run_name(i: int, hp: dict) -> str:
@@ -175,11 +177,11 @@ def fine_tune(work: Path, data, base: Path, index: int, hp: dict, quick: bool) -
     done.write_text("ok\n")
 
 
-def evaluation(data, **extra) -> dict:
+def evaluation(data, splits=SPLITS, **extra) -> dict:
     return {
-        "splits": {s: data[s] for s in SPLITS},
+        "splits": {s: data[s] for s in splits},
         "selection_split": "validation",
-        "report_splits": [s for s in SPLITS if s != "validation"],
+        "report_splits": [s for s in splits if s != "validation"],
         "max_length": MAX_LENGTH,
         "batch_size": 64,
         **extra,
@@ -260,18 +262,18 @@ def measure(mode: str, work: Path) -> dict:
         SoupBuilder(folders, method="uniform", adapter_output=output).cook(out / "soup", progress=False)
     elif mode in ("adapter-greedy", "adapter-learned"):
         strategy = mode.split("-")[1]
-        SoupBuilder(
-            folders, method=strategy, evaluation=evaluation(load_data(work), compare=[]), **COST_OPTIONS[strategy]
-        ).cook(out / "soup", progress=False)
+        cost = evaluation(load_data(work), COST_SPLITS, compare=[])
+        builder = SoupBuilder(folders, method=strategy, evaluation=cost, **COST_OPTIONS[strategy])
+        builder.cook(out / "soup", progress=False)
     elif mode in ("full-first", "full-first-greedy", "full-first-learned"):
         merged = merge_each(folders, base, out / "merged")
         if mode == "full-first":
             SoupBuilder(merged, method="uniform").cook(out / "soup", progress=False)
         else:
             strategy = mode.split("-")[2]
-            SoupBuilder(
-                merged, method=strategy, evaluation=evaluation(load_data(work), compare=[]), **COST_OPTIONS[strategy]
-            ).cook(out / "soup", progress=False)
+            cost = evaluation(load_data(work), COST_SPLITS, compare=[])
+            builder = SoupBuilder(merged, method=strategy, evaluation=cost, **COST_OPTIONS[strategy])
+            builder.cook(out / "soup", progress=False)
     else:
         raise SystemExit(f"unknown mode {mode}")
     seconds = time.perf_counter() - start

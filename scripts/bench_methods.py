@@ -63,7 +63,9 @@ def configs(folders: list[Path], base: Path) -> dict[str, tuple[dict, dict]]:
         ),
         "dare_ties": (
             {"method": "dare", "ingredients": paths, "base_model": str(base), "drop_rate": 0.5, "merge": "ties"},
-            kit("dare_ties", {"density": 0.5}),
+            # mergekit's dare_ties sums the agreeing entries by default (normalize: false); the DARE-TIES of the
+            # papers, and hf_soup's, takes their mean: normalize: true asks mergekit for the same definition
+            kit("dare_ties", {"density": 0.5}, extra={"parameters": {"normalize": True}}),
         ),
         "slerp": (
             {"method": "slerp", "ingredients": paths[:2], "t": 0.3},
@@ -89,12 +91,13 @@ def difference(ours: Path, theirs: Path, base: Path | None) -> dict[str, float]:
 
     a, b = opened(ours), opened(theirs)
     c = opened(base) if base is not None else None
-    worst, scale = 0.0, 0.0
+    worst, scale, differ, total = 0.0, 0.0, 0, 0
     kept = {"ours": [0, 0], "theirs": [0, 0]}
     size = {"ours": 0.0, "theirs": 0.0}
     for name, handle in a.items():
         x, y = handle.get_tensor(name), b[name].get_tensor(name)
         worst, scale = max(worst, float(np.abs(x - y).max())), max(scale, float(np.abs(y).max()))
+        differ, total = differ + int((np.abs(x - y) > 1e-6 * np.abs(y).max()).sum()), total + x.size
         if c is not None:
             z = c[name].get_tensor(name)
             for key, value in (("ours", x), ("theirs", y)):
@@ -102,7 +105,7 @@ def difference(ours: Path, theirs: Path, base: Path | None) -> dict[str, float]:
                 kept[key][0] += int((delta != 0).sum())
                 kept[key][1] += delta.size
                 size[key] += float(np.abs(delta).sum())
-    result = {"relative": worst / scale if scale else worst}
+    result = {"relative": worst / scale if scale else worst, "entries_differing": differ / total}
     if c is not None:
         for key in kept:
             result[f"changed_{key}"] = kept[key][0] / kept[key][1]
@@ -121,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hf-soup-bin", default=str(Path(sys.executable).with_name("hf-soup")))
     parser.add_argument("--mergekit-bin", default=shutil.which("mergekit-yaml"))
     args = parser.parse_args(argv)
+    args.work = args.work.absolute()  # recipes resolve relative paths against their own folder
     if not args.mergekit_bin:
         print("mergekit-yaml not found: install mergekit (in its own venv) and pass --mergekit-bin", file=sys.stderr)
         return 2
@@ -173,16 +177,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.markdown:
         print(
             "| method | k | hf_soup wall s | mergekit wall s | hf_soup peak RSS / anon MiB "
-            "| mergekit peak RSS / anon MiB | max abs diff / max abs | changed entries (hf_soup / mergekit) |"
+            "| mergekit peak RSS / anon MiB | max abs diff / max abs | entries differing by > 1e-6 × max abs "
+            "| changed entries (hf_soup / mergekit) |"
         )
-        print("|---|---:|---:|---:|---:|---:|---:|---|")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
         for r in rows:
             changed = f"{r['changed_ours']:.3f} / {r['changed_theirs']:.3f}" if "changed_ours" in r else "-"
             print(
                 f"| {r['method']} | {r['k']} | {r['hf_soup_wall']:.1f} | {r['mergekit_wall']:.1f} "
                 f"| {r['hf_soup_rss']:.0f} / {r['hf_soup_anon']:.0f} "
                 f"| {r['mergekit_rss']:.0f} / {r['mergekit_anon']:.0f} "
-                f"| {r['relative']:.1e} | {changed} |"
+                f"| {r['relative']:.1e} | {r['entries_differing']:.1e} | {changed} |"
             )
     return 0
 
