@@ -36,6 +36,10 @@ def _cook(args: argparse.Namespace) -> int:
 
     builder = SoupBuilder.from_recipe(args.recipe)
     soup = builder.cook(args.output, overwrite=args.overwrite, progress=not args.quiet)
+    from .scoring import process_state
+
+    if not process_state().is_main_process:  # under accelerate launch, the main process writes and reports
+        return 0
     rows = [
         (i["id"], "" if i["weight"] is None else f"{i['weight']:.4g}", i.get("metric") or "", i.get("value") or "")
         for i in soup.record["ingredients"]

@@ -92,8 +92,19 @@ def test_readme_has_a_snippet_for_each_way_of_working():
         assert needed in code or needed in (ROOT / "README.md").read_text()
 
 
+RAN: set[int] = set()  # README lines of the blocks already run in this module's project
+
+
 @pytest.mark.parametrize(("line", "language", "code"), list(blocks_with_marks()))
 def test_readme_snippet_runs(project, line, language, code):
+    for earlier, earlier_language, earlier_code in readme_blocks():  # a block may use what the ones above made
+        if earlier < line and earlier not in RAN:  # (they were deselected, e.g. `-m slow` alone)
+            execute(project, earlier, earlier_language, earlier_code)
+    execute(project, line, language, code)
+
+
+def execute(project: Path, line: int, language: str, code: str) -> None:
+    RAN.add(line)
     first = code.splitlines()[0]
     named = re.fullmatch(r"# (\S+\.(?:py|yaml))\b.*", first)
     if "scripts/dev.sh" in code:  # the set-up block: CI runs `dev.sh test`; `dev.sh demo` is `hf-soup demo`
