@@ -237,15 +237,7 @@ class SoupBuilder:
     def _kitchen(self, found, scorer: Scorer) -> Kitchen:
         """The one resident model, placed as the recipe's `evaluation:` says."""
         evaluation = self.recipe.evaluation
-        options = (
-            {
-                "device_map": evaluation.device_map,
-                "max_memory": evaluation.max_memory,
-                "offload_folder": evaluation.offload_folder,
-            }
-            if evaluation
-            else {}
-        )
+        options = evaluation.placement() if evaluation else {}
         return Kitchen(found[0][1], scorer.task, trust_remote_code=self.recipe.trust_remote_code, **options)
 
     def _statistics(self, method, parameters, found, readers, scorer, where: Path, stack) -> list[Any]:

@@ -155,6 +155,10 @@ class Evaluation:
                 raise SoupError(f"evaluation split {split!r} does not exist; the dataset has: {', '.join(loaded)}")
         return {split: loaded[split] for split in wanted}
 
+    def placement(self) -> dict[str, Any]:
+        """Where the resident model goes: the `Kitchen` keyword arguments of this section."""
+        return {"device_map": self.device_map, "max_memory": self.max_memory, "offload_folder": self.offload_folder}
+
     def scorer(self, tokenizer=None) -> Scorer:
         """A `Scorer` over the selection and report splits (preprocessed once)."""
         return Scorer(

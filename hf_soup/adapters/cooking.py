@@ -183,15 +183,7 @@ def choose(builder, strategy, parameters, found, adapters, base_folder, scorer):
     selection = evaluation.selection_split if evaluation else next(iter(scorer.splits))
     report_splits = evaluation.report_splits if evaluation else [s for s in scorer.splits if s != selection]
     compared = evaluation.compare if evaluation else ["uniform", "ensemble"]
-    options = (
-        {
-            "device_map": evaluation.device_map,
-            "max_memory": evaluation.max_memory,
-            "offload_folder": evaluation.offload_folder,
-        }
-        if evaluation
-        else {}
-    )
+    options = evaluation.placement() if evaluation else {}
     with AdapterTasting(
         [ingredient for ingredient, _ in found],
         adapters,
