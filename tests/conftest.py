@@ -123,3 +123,17 @@ def state_dict_of(folder: Path) -> dict[str, torch.Tensor]:
     for file in sorted(Path(folder).glob("*.safetensors")):
         tensors.update(load_file(file))
     return tensors
+
+
+def make_split(count, seed, *, shift=False):
+    """Label = whether the first token is in the upper half of the vocabulary (the task the model learns).
+
+    The shift split draws the other tokens from a different range.
+    """
+    from datasets import Dataset
+
+    generator = torch.Generator().manual_seed(seed)
+    first = torch.randint(4, 64, (count, 1), generator=generator)
+    rest = torch.randint(40 if shift else 4, 64 if shift else 40, (count, 7), generator=generator)
+    ids = torch.cat([first, rest], dim=1)
+    return Dataset.from_dict({"input_ids": ids.tolist(), "label": (first[:, 0] >= 34).long().tolist()})

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import bert_config, make_model
+from conftest import bert_config, make_model, make_split
 
 from hf_soup import Pantry, SoupBuilder, SoupError
 from hf_soup.adapters import read_adapter
@@ -29,15 +29,6 @@ BERT = [  # one rank everywhere (so the naive average is defined), different alp
     {"r": 2, "lora_alpha": 8, "use_rslora": True, "target_modules": ["query", "key"]},
     {"r": 2, "lora_alpha": 2, "target_modules": ["query", "value", "dense"]},
 ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and do not fight other jobs for the cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def model_class(kind):
@@ -317,17 +308,6 @@ def test_adapter_and_recipe_errors(llama, bert, tmp_path):
 
 
 # -- greedy and learned soups over adapters ------------------------------------------------------------------------
-def make_split(count, seed, *, shift=False):
-    """Label = whether the first token is in the upper half of the vocabulary; the shift split changes the rest."""
-    from datasets import Dataset
-
-    generator = torch.Generator().manual_seed(seed)
-    first = torch.randint(4, 64, (count, 1), generator=generator)
-    rest = torch.randint(40 if shift else 4, 64 if shift else 40, (count, 7), generator=generator)
-    ids = torch.cat([first, rest], dim=1)
-    return Dataset.from_dict({"input_ids": ids.tolist(), "label": (first[:, 0] >= 34).long().tolist()})
-
-
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory):
     """A tiny BERT classifier trained on the task (the base), two good LoRA fine-tunes and a noise adapter."""

@@ -5,22 +5,10 @@ import shutil
 import sys
 
 import pytest
-from conftest import make_model, save_model
-from test_strategies import make_split
+from conftest import make_model, make_split, save_model
 
 from hf_soup import SoupBuilder, SoupError
 from hf_soup.card import explain_soup, write_card
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and do not fight other jobs for the cores)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def cook_greedy(folder):

@@ -4,7 +4,7 @@ import json
 
 import pytest
 from conftest import state_dict_of
-from test_card import cook_greedy, one_thread  # noqa: F401  (one_thread: autouse)
+from test_card import cook_greedy
 
 from hf_soup import SoupBuilder, SoupError
 from hf_soup.cli import main

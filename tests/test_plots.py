@@ -6,9 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_model, save_model
-from test_card import one_thread  # noqa: F401  (autouse: one thread for tiny models)
-from test_strategies import make_split
+from conftest import make_model, make_split, save_model
 
 from hf_soup import SoupError, plots
 from hf_soup.checkpoint import CheckpointReader

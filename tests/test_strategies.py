@@ -5,26 +5,12 @@ import logging
 
 import pytest
 import torch
-from conftest import ACCELERATE_LAUNCH, bert_config, save_model
+from conftest import ACCELERATE_LAUNCH, bert_config, make_split, save_model
 
 from hf_soup import Pantry, SoupBuilder, SoupError
 from hf_soup.kitchen import Kitchen
 from hf_soup.scoring import Scorer
 from hf_soup.tasks import get_task
-
-
-def make_split(count, seed, *, shift=False):
-    """Label = whether the first token is in the upper half of the vocabulary (the task the model learns).
-
-    The shift split draws the other tokens from a different range.
-    """
-    from datasets import Dataset
-
-    generator = torch.Generator().manual_seed(seed)
-    first = torch.randint(4, 64, (count, 1), generator=generator)
-    rest = torch.randint(40 if shift else 4, 64 if shift else 40, (count, 7), generator=generator)
-    ids = torch.cat([first, rest], dim=1)
-    return Dataset.from_dict({"input_ids": ids.tolist(), "label": (first[:, 0] >= 34).long().tolist()})
 
 
 @pytest.fixture(scope="session")
