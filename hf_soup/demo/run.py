@@ -90,13 +90,13 @@ def prepare_output(output: Path) -> None:
     (output / MARKER).write_text("written by `hf-soup demo`; the next demo run may replace this folder\n")
 
 
-def shared_init(output: Path, base: Path) -> Path:
-    """The pretrained encoder with ONE classifier head (seed 0), and its tokenizer."""
+def shared_init(folder: Path, base: Path) -> Path:
+    """Save into `folder` the pretrained encoder `base` with ONE 2-way classifier head (seed 0), and its tokenizer:
+    every run starts from this folder, so all runs share one initialization, head included."""
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as transformers_logging
 
-    folder = output / "init"
     torch.manual_seed(0)
     verbosity = transformers_logging.get_verbosity()
     transformers_logging.set_verbosity_error()  # its load report lists the new head as MISSING: that is the point
@@ -217,7 +217,7 @@ def run_demo(
     started = time.perf_counter()
     say(f"data: {CITATION}")
     say("       " + ", ".join(f"{name} {len(split)}" for name, split in data.items()))
-    init = shared_init(output, base)
+    init = shared_init(output / "init", base)
     say(f"model: all-MiniLM-L6-v2 ({base}) with one seed-0 classifier head, saved as {init}")
     for index, hp in enumerate(GRID[:runs]):
         name = run_name(index, hp)
