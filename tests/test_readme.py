@@ -80,9 +80,14 @@ def check(done: subprocess.CompletedProcess, what: str, expected: int = 0) -> No
     )
 
 
+def slow(code: str) -> bool:
+    """Blocks that launch several processes run in the slow set; no later block needs what they make."""
+    return "accelerate launch" in code
+
+
 def blocks_with_marks():
     for line, language, code in readme_blocks():
-        marks = [pytest.mark.slow] if "accelerate launch" in code else []
+        marks = [pytest.mark.slow] if slow(code) else []
         yield pytest.param(line, language, code, id=f"README.md:{line}-{language}", marks=marks)
 
 
@@ -98,7 +103,7 @@ RAN: set[int] = set()  # README lines of the blocks already run in this module's
 @pytest.mark.parametrize(("line", "language", "code"), list(blocks_with_marks()))
 def test_readme_snippet_runs(project, line, language, code):
     for earlier, earlier_language, earlier_code in readme_blocks():  # a block may use what the ones above made
-        if earlier < line and earlier not in RAN:  # (they were deselected, e.g. `-m slow` alone)
+        if earlier < line and earlier not in RAN and not slow(earlier_code):  # (deselected, e.g. `-m slow` alone)
             execute(project, earlier, earlier_language, earlier_code)
     execute(project, line, language, code)
 
