@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from .atomic import disk_space
 from .errors import SoupError
 
 SAFE_SINGLE = ("model.safetensors", "adapter_model.safetensors")
@@ -436,14 +437,15 @@ class CheckpointWriter:
                 f"writer expected {info.name} {list(info.shape)} {info.dtype}, got {name} {list(tensor.shape)} "
                 f"{tensor.dtype}"
             )
-        if shard_no != self._shard_no:
-            self._open_shard(shard_no)
-        data = tensor.detach().to("cpu").contiguous()
-        if data.numel():
-            self._handle.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
-            self._unwritten += info.nbytes
-            if self._unwritten >= WRITEBACK_BYTES:
-                self._start_writeback()
+        with disk_space(self.folder / self.filenames[shard_no]):  # a full disk: one clear error, not ENOSPC
+            if shard_no != self._shard_no:
+                self._open_shard(shard_no)
+            data = tensor.detach().to("cpu").contiguous()
+            if data.numel():
+                self._handle.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
+                self._unwritten += info.nbytes
+                if self._unwritten >= WRITEBACK_BYTES:
+                    self._start_writeback()
         self._position += 1
 
     def _start_writeback(self) -> None:
@@ -458,6 +460,20 @@ class CheckpointWriter:
 
     def close(self) -> list[Path]:
         """Finish the files (and the index when sharded); return the written paths."""
+        try:
+            with disk_space(self.folder / self.filenames[max(self._shard_no, 0)]):
+                return self._close()
+        except BaseException:
+            self._drop_handle()
+            raise
+
+    def _drop_handle(self) -> None:
+        if self._handle is not None:
+            with contextlib.suppress(OSError):  # flushing onto a full disk fails again: keep the first error
+                self._handle.close()
+            self._handle = None
+
+    def _close(self) -> list[Path]:
         if self._handle is not None:
             self._handle.flush()
             os.fsync(self._handle.fileno())
@@ -481,6 +497,5 @@ class CheckpointWriter:
     def __exit__(self, exc_type, *exc) -> None:
         if exc_type is None:
             self.close()
-        elif self._handle is not None:
-            self._handle.close()
-            self._handle = None
+        else:
+            self._drop_handle()
