@@ -62,20 +62,20 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def owner_gone(tag: str) -> bool:
-    """True only when `tag` (see `owner_tag`) names a process of this machine that no longer runs.
+def owner_state(tag: str | None) -> str:
+    """What became of the writer a tag (see `owner_tag`) names: `"running"` (a process of this machine that still
+    runs), `"gone"` (one that does not), `"elsewhere"` (another machine: cannot be told) or `"unknown"` (no tag)."""
+    match = OWNER.fullmatch(tag or "")
+    if match is None or int(match["pid"]) <= 0:
+        return "unknown"
+    if match["host"] != _host():
+        return "elsewhere"
+    return "running" if _alive(int(match["pid"])) else "gone"
 
-    A tag of another machine, or one that is not a tag, is never "gone": its leftovers are left alone.
-    """
-    match = OWNER.fullmatch(tag)
-    if match is None or match["host"] != _host() or int(match["pid"]) <= 0:
-        return False
-    return not _alive(int(match["pid"]))
 
-
-def owner_pid(tag: str) -> int | None:
-    match = OWNER.fullmatch(tag)
-    return int(match["pid"]) if match else None
+def owner_gone(tag: str | None) -> bool:
+    """True only when `tag` names a process of this machine that no longer runs: only then may its leftovers go."""
+    return owner_state(tag) == "gone"
 
 
 # -- disk full -----------------------------------------------------------------------------------------------------
@@ -88,17 +88,21 @@ def _shown(path: Path) -> Path:
     return path
 
 
-def disk_full_error(path: str | os.PathLike, error: OSError, remedy: str) -> SoupError:
-    """The one-line error for an ENOSPC / EDQUOT `error` met while writing `path` (or the file the error names)."""
+def disk_full_error(path: str | os.PathLike, error: OSError, remedy: str, *, what: str | None = None) -> SoupError:
+    """The one-line error for an ENOSPC / EDQUOT `error` met while writing `path` (or the file the error names).
+
+    `what` says what was being done (default: `writing <file name>`); `remedy` what the user can do.
+    """
     if isinstance(error.filename, (str, bytes, os.PathLike)):
         path = os.fsdecode(error.filename)
+    what = what or f"writing {Path(path).name}"
     where = _shown(Path(path).parent)
     try:
         free = f"{shutil.disk_usage(where).free / 1e6:.1f} MB free there"
     except OSError:
         free = "free space unknown"
     cause = " (disk quota exceeded)" if error.errno == errno.EDQUOT else ""
-    return SoupError(f"no space left on device{cause} while writing {Path(path).name} in {where} ({free}); {remedy}")
+    return SoupError(f"no space left on device{cause} while {what} in {where} ({free}); {remedy}")
 
 
 @contextlib.contextmanager

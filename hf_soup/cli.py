@@ -78,7 +78,13 @@ def _pantry(args: argparse.Namespace) -> int:
             removed = pantry.remove(ingredient_id)
             print(f"removed {removed.id}")
         return 0
-    problems = pantry.verify()
+    if args.action == "repair":
+        result = pantry.repair()
+        for line in result.actions:
+            print(line)
+        problems = result.problems
+    else:
+        problems = pantry.verify()
     for problem in problems:
         print(problem)
     count = len(pantry.list())
@@ -178,9 +184,17 @@ def build_parser() -> argparse.ArgumentParser:
     cook.add_argument("--quiet", action="store_true", help="no progress bar")
     cook.set_defaults(run=_cook)
 
-    pantry = commands.add_parser("pantry", help="list, verify or remove pantry ingredients")
+    pantry = commands.add_parser("pantry", help="list, verify, repair or remove pantry ingredients")
     actions = pantry.add_subparsers(dest="action", required=True)
-    for action, text in (("list", "print the ingredients"), ("verify", "check every sha256; exit 1 on a problem")):
+    for action, text in (
+        ("list", "print the ingredients"),
+        ("verify", "check every sha256, report unclaimed folders and interrupted adds; exit 1 on a problem"),
+        (
+            "repair",
+            "remove the leftovers of killed adds, move unclaimed folders to lost+found/ (nothing is deleted), "
+            "then verify; exit 1 if a problem remains",
+        ),
+    ):
         sub = actions.add_parser(action, help=text)
         sub.add_argument("pantry_dir", type=Path)
         sub.set_defaults(run=_pantry)

@@ -6,14 +6,19 @@ Layout::
       pantry.json            {"format": 1, "ingredients": [ {record}, ... ]}
       .pantry.lock           file lock: several processes may add at once
       ingredients/<id>/      config, weights, tokenizer files of one ingredient
+      lost+found/            folders `Pantry.repair` found in ingredients/ but claimed by no entry
 
 Adding copies (or hard-links) the files into a staging folder first, hashes them, and only then, under the lock,
 renames the folder into place and appends the record with an atomic rewrite of `pantry.json`. A crash leaves
-either a complete entry or a staging folder that `Pantry.verify` reports and `Pantry.repair` removes.
+either a complete entry, or a staging folder (named after its process, `.staging-<host>-<pid>-<random>`), or, killed
+between the rename and the ledger write, a folder claimed by no entry. `Pantry.verify` reports all of them;
+`Pantry.repair` removes the staging folders whose process is gone and moves unclaimed folders to `lost+found/`.
+An entry is never dropped by either: one whose files are missing is reported.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import datetime
 import hashlib
@@ -29,7 +34,7 @@ from typing import Any
 
 from filelock import FileLock
 
-from .atomic import fsync_folder, sha256_file, write_json
+from .atomic import DISK_FULL, disk_full_error, fsync_folder, owner_tag, sha256_file, write_json
 from .checkpoint import weight_files
 from .errors import SoupError
 
@@ -38,6 +43,8 @@ LEDGER = "pantry.json"
 LOCK = ".pantry.lock"
 INGREDIENTS = "ingredients"
 STAGING = ".staging-"
+REMOVING = ".removing-"
+LOST = "lost+found"
 KINDS = ("full", "adapter")
 # Training state that never belongs in an ingredient (optimizer moments are 2x the model; training_args is a pickle).
 SKIPPED_FILES = re.compile(r"^(optimizer\.pt|scheduler\.pt|scaler\.pt|rng_state.*\.pth|training_args\.bin|.*\.lock)$")
@@ -120,27 +127,74 @@ class Ingredient:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, source: str = LEDGER) -> Ingredient:
+        """A record read from a ledger, every field checked (a `SoupError` names the field and the fix)."""
         if not isinstance(data, Mapping):
             raise SoupError(f"{source}: an ingredient record must be a mapping, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(set(data) - known, key=str)
         if unknown:
             raise SoupError(
-                f"{source}: unknown field(s) {', '.join(unknown)} in ingredient {data.get('id')!r}; "
-                f"known fields: {', '.join(sorted(known))}"
+                f"{source}: unknown field(s) {_short(', '.join(map(repr, unknown)))} in ingredient "
+                f"{_short(data.get('id'))}; known fields: {', '.join(sorted(known))}; remove them or upgrade hf_soup"
             )
         for required in ("id", "path"):
-            if not isinstance(data.get(required), str) or not data.get(required):
-                raise SoupError(f"{source}: an ingredient record lacks a string {required!r}: {dict(data)}")
-        if data.get("kind", "full") not in KINDS:
-            raise SoupError(f"{source}: ingredient {data['id']} has kind {data.get('kind')!r}; allowed: {KINDS}")
-        return cls(**dict(data))
+            if not isinstance(data.get(required), str) or not data[required].isprintable() or not data[required]:
+                raise SoupError(
+                    f"{source}: an ingredient record lacks a non-empty printable string {required!r} (got "
+                    f"{_short(data.get(required))}); fix the record or restore {LEDGER} from a backup"
+                )
+        for name, (check, allowed) in _FIELD_TYPES.items():
+            if name in data and not check(data[name]):
+                raise SoupError(
+                    f"{source}: ingredient {_short(data['id'])} has {name} = {_short(data[name])}; expected "
+                    f"{allowed}; fix the record or restore {LEDGER} from a backup"
+                )
+        values = dict(data)
+        if values.get("value") is not None:
+            values["value"] = float(values["value"])
+        return cls(**values)
 
     @classmethod
     def from_folder(cls, folder: str | os.PathLike) -> Ingredient:
         """A loose ingredient (not in a pantry): a model or adapter folder given by path."""
         folder = Path(folder).absolute()
         return cls(id=folder.name, path=str(folder), kind=detect_kind(folder), config_hash=config_hash(folder))
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """`repr(value)` on one line, cut to `limit` characters (a ledger may hold anything)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _file_name(name: str) -> bool:
+    return name.isprintable() and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+_FIELD_TYPES: dict[str, tuple[Any, str]] = {
+    "kind": (lambda value: value in KINDS, f"one of {', '.join(map(repr, KINDS))}"),
+    "sha256": (
+        lambda value: isinstance(value, dict) and all(_file_name(k) and isinstance(v, str) for k, v in value.items()),
+        "a mapping of weight file name (in the ingredient's folder) to hex sha256",
+    ),
+    "metric": (lambda value: value is None or isinstance(value, str), "a string or null"),
+    "value": (lambda value: value is None or _number(value), "a number or null"),
+    "greater_is_better": (lambda value: value is None or isinstance(value, bool), "true, false or null"),
+    "split": (lambda value: value is None or isinstance(value, str), "a string or null"),
+    "step": (lambda value: value is None or (isinstance(value, int) and not isinstance(value, bool)), "an integer"),
+    "run": (lambda value: value is None or isinstance(value, str), "a string or null"),
+    "hyperparameters": (lambda value: isinstance(value, dict), "a mapping"),
+    "tags": (lambda value: isinstance(value, dict), "a mapping"),
+    "base_model": (lambda value: value is None or isinstance(value, str), "a string or null"),
+    "base_revision": (lambda value: value is None or isinstance(value, str), "a string or null"),
+    "config_hash": (lambda value: value is None or isinstance(value, str), "a string or null"),
+    "size": (lambda value: isinstance(value, int) and not isinstance(value, bool) and value >= 0, "bytes (>= 0)"),
+    "created_at": (lambda value: isinstance(value, str), "an ISO 8601 time string"),
+}
 
 
 def _slug(text: str) -> str:
@@ -186,27 +240,37 @@ class Pantry:
         if not self.ledger.is_file():
             return []
         try:
-            data = json.loads(self.ledger.read_text())
-        except (OSError, ValueError) as error:
+            data = json.loads(self.ledger.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError) as error:  # RecursionError: nested too deep to be a ledger
+            reason = " ".join(str(error).split()) or type(error).__name__
             raise SoupError(
-                f"{self.ledger} is not valid JSON ({error}); restore it from a backup, or run `hf-soup pantry verify "
-                f"{self.root}` to see which ingredient folders are present"
+                f"{self.ledger} is not valid JSON ({reason}); restore it from a backup (the ingredient folders are "
+                f"in {self.root / INGREDIENTS})"
             ) from None
         if not isinstance(data, dict) or not isinstance(data.get("ingredients"), list):
-            raise SoupError(f"{self.ledger} must be a mapping with 'format' and an 'ingredients' list")
+            raise SoupError(
+                f"{self.ledger} must be a mapping with 'format' and an 'ingredients' list, got "
+                f"{_short(data if not isinstance(data, dict) else sorted(data, key=str))}; restore it from a backup"
+            )
         version = data.get("format")
-        if not isinstance(version, int) or version < 1:
-            raise SoupError(f"{self.ledger} has format {version!r}; expected an integer format (this hf_soup: 1)")
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise SoupError(
+                f"{self.ledger} has format {_short(version)}; expected an integer format (this hf_soup: {FORMAT}); "
+                "restore it from a backup"
+            )
         if version > FORMAT:
             raise SoupError(
                 f"{self.ledger} has format {version}, newer than this hf_soup understands ({FORMAT}); "
                 "upgrade hf_soup (pip install -U hf_soup)"
             )
         ingredients = [Ingredient.from_dict(item, source=str(self.ledger)) for item in data["ingredients"]]
-        ids = [i.id for i in ingredients]
-        duplicated = sorted({i for i in ids if ids.count(i) > 1})
+        counts = collections.Counter(i.id for i in ingredients)
+        duplicated = sorted(i for i, n in counts.items() if n > 1)
         if duplicated:
-            raise SoupError(f"{self.ledger} lists ingredient id(s) twice: {', '.join(duplicated)}; remove one by hand")
+            raise SoupError(
+                f"{self.ledger} lists ingredient id(s) twice: {_short(', '.join(map(repr, duplicated)))}; "
+                "remove one of each by hand"
+            )
         return ingredients
 
     def list(self) -> list[Ingredient]:
@@ -244,11 +308,13 @@ class Pantry:
     def check_writable(self) -> None:
         """Raise a clear error now if the pantry cannot be created or written (before hours of training)."""
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
             probe = self.root / f".write-probe-{uuid.uuid4().hex[:8]}"
+            self.root.mkdir(parents=True, exist_ok=True)
             probe.write_text("ok")
             probe.unlink()
         except OSError as error:
+            if error.errno in DISK_FULL:
+                raise disk_full_error(probe, error, "free space or choose another pantry") from None
             raise SoupError(
                 f"pantry {self.root} is not writable ({error.strerror or error}); choose a folder you can write to"
             ) from None
@@ -289,41 +355,32 @@ class Pantry:
         source = Path(source).absolute()
         weights = weight_files(source)
         self.check_writable()
-        staging = self.root / f"{STAGING}{uuid.uuid4().hex[:12]}"
-        staging.mkdir()
+        staging = self.root / f"{STAGING}{owner_tag()}-{uuid.uuid4().hex[:12]}"  # named after its process: see repair
         try:
-            sha256 = {}
-            size = 0
-            for item in sorted(source.iterdir()):
-                if not item.is_file() or SKIPPED_FILES.match(item.name):
-                    continue
-                # Only weights are linked: JSON files (config, trainer state) are rewritten in place by a later
-                # save into the same checkpoint folder, which would change the pantry's copy through the link.
-                _copy_or_link(item, staging / item.name, link if item in weights else "copy")
-                if item in weights:
-                    sha256[item.name] = sha256_file(staging / item.name)
-                    size += item.stat().st_size
-            record = Ingredient(
-                id="",
-                path="",
-                kind=detect_kind(source),
-                sha256=sha256,
-                metric=metric,
-                value=None if value is None else float(value),
-                greater_is_better=greater_is_better,
-                split=split,
-                step=step,
-                run=run,
-                hyperparameters=dict(hyperparameters or {}),
-                tags=dict(tags or {}),
-                base_model=base_model,
-                base_revision=base_revision,
-                config_hash=config_hash(source),
-                size=size,
-                created_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            staging.mkdir()
+            record = self._stage(
+                source,
+                staging,
+                weights,
+                link,
+                Ingredient(
+                    id="",
+                    path="",
+                    kind=detect_kind(source),
+                    metric=metric,
+                    value=None if value is None else float(value),
+                    greater_is_better=greater_is_better,
+                    split=split,
+                    step=step,
+                    run=run,
+                    hyperparameters=dict(hyperparameters or {}),
+                    tags=dict(tags or {}),
+                    base_model=base_model,
+                    base_revision=base_revision,
+                    config_hash=config_hash(source),
+                    created_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                ),
             )
-            json.dumps(record.to_dict())  # fail now, not at write time, on values JSON cannot hold
-            fsync_folder(staging)
             with self._lock():
                 ingredients = self._read()
                 wanted = ingredient_id or (f"{run or source.name}-{step}" if step is not None else run or source.name)
@@ -331,12 +388,45 @@ class Pantry:
                 record.path = f"{INGREDIENTS}/{record.id}"
                 (self.root / INGREDIENTS).mkdir(exist_ok=True)
                 os.rename(staging, self.root / record.path)
-                fsync_folder(self.root / INGREDIENTS)
-                self._write([*ingredients, record])
-        except BaseException:
+                try:
+                    fsync_folder(self.root / INGREDIENTS)
+                    self._write([*ingredients, record])
+                except BaseException:
+                    self._unplace(record)
+                    raise
+        except BaseException as error:
             shutil.rmtree(staging, ignore_errors=True)
+            if isinstance(error, OSError) and error.errno in DISK_FULL:
+                what = f"adding {source} to the pantry"
+                raise disk_full_error(staging, error, "free space or choose another pantry", what=what) from None
             raise
         return record
+
+    @staticmethod
+    def _stage(source: Path, staging: Path, weights: list[Path], link: str, record: Ingredient) -> Ingredient:
+        """Copy (or link) `source`'s files into `staging` and hash the weights; returns `record` completed."""
+        for item in sorted(source.iterdir()):
+            if not item.is_file() or SKIPPED_FILES.match(item.name):
+                continue
+            # Only weights are linked: JSON files (config, trainer state) are rewritten in place by a later
+            # save into the same checkpoint folder, which would change the pantry's copy through the link.
+            _copy_or_link(item, staging / item.name, link if item in weights else "copy")
+            if item in weights:
+                record.sha256[item.name] = sha256_file(staging / item.name)
+                record.size += item.stat().st_size
+        json.dumps(record.to_dict())  # fail now, not at write time, on values JSON cannot hold
+        fsync_folder(staging)
+        return record
+
+    def _unplace(self, record: Ingredient) -> None:
+        """The ledger write failed after the folder was renamed in: take the folder out again, unless the record
+        did reach the ledger (an interruption after the rename of `pantry.json`)."""
+        try:
+            listed = any(i.id == record.id for i in self._read())
+        except SoupError:
+            return  # cannot tell: the folder stays, `verify` reports it and `repair` moves it to lost+found
+        if not listed:
+            shutil.rmtree(self.root / record.path, ignore_errors=True)
 
     def _new_id(self, wanted: str, ingredients: list[Ingredient], *, explicit: str | None) -> str:
         taken = {i.id for i in ingredients} | {p.name for p in (self.root / INGREDIENTS).glob("*")}
@@ -353,7 +443,11 @@ class Pantry:
         return candidate
 
     def remove(self, ingredient_id: str) -> Ingredient:
-        """Remove one ingredient: its record first (atomically), then its folder."""
+        """Remove one ingredient: its record first (atomically), then its folder.
+
+        Under the lock the folder is renamed out of `ingredients/` (to `.removing-<host>-<pid>-<id>`) and deleted
+        after; a process killed while deleting leaves that folder, which `repair` deletes.
+        """
         with self._lock():
             ingredients = self._read()
             kept = [i for i in ingredients if i.id != ingredient_id]
@@ -361,31 +455,59 @@ class Pantry:
                 known = ", ".join(i.id for i in ingredients) or "none"
                 raise SoupError(f"pantry {self.root} has no ingredient {ingredient_id!r}; it has: {known}")
             removed = next(i for i in ingredients if i.id == ingredient_id)
-            folder = self.location(removed)
+            try:
+                folder = self.location(removed)
+            except SoupError:  # a record whose path leads outside: the record goes, files outside are not touched
+                folder = None
             self._write(kept)
-        shutil.rmtree(folder, ignore_errors=True)
+            trash = self.root / f"{REMOVING}{owner_tag()}-{uuid.uuid4().hex[:8]}"
+            try:
+                os.rename(folder, trash)
+            except (OSError, TypeError):  # no folder (already gone, or outside)
+                return removed
+        shutil.rmtree(trash, ignore_errors=True)
         return removed
 
     # -- checking ------------------------------------------------------------------------------------------------
     def verify(self) -> list[str]:
-        """Check every recorded file's sha256 and report strays; returns the problems (empty when all is well)."""
-        problems = []
-        ingredients = self._read()
-        for ingredient in ingredients:
-            folder = self.location(ingredient)
-            if not folder.is_dir():
-                problems.append(f"{ingredient.id}: folder {ingredient.path} is missing")
-                continue
-            for name, digest in ingredient.sha256.items():
-                path = folder / name
-                if not path.is_file():
-                    problems.append(f"{ingredient.id}: {name} is missing")
-                elif sha256_file(path) != digest:
-                    problems.append(f"{ingredient.id}: {name} does not match its sha256 (changed or corrupt)")
-        claimed = {Path(i.path).name for i in ingredients}
-        for folder in sorted((self.root / INGREDIENTS).glob("*")):
-            if folder.name not in claimed:
-                problems.append(f"stray folder {INGREDIENTS}/{folder.name} is claimed by no entry")
-        for folder in sorted(self.root.glob(f"{STAGING}*")):
-            problems.append(f"unfinished add {folder.name} (an interrupted copy)")
-        return problems
+        """Check every recorded file's sha256 and report what is wrong; returns the problems (empty when all is well).
+
+        Problems: an entry whose folder or weight files are missing or changed, a folder in `ingredients/` claimed
+        by no entry, and the leftovers of an interrupted add or removal (an add still running is not a problem).
+        """
+        from .inventory import verify
+
+        return verify(self)
+
+    def repair(self) -> Repair:
+        """Put the pantry in order after interrupted adds and removals, losing nothing; then verify it.
+
+        Under the pantry lock: staging folders of adds whose process is gone (on this machine) are removed (an add
+        never listed them; the source checkpoint still holds the files), so are the folders of unfinished removals
+        and temporary ledger files of killed writers; folders in `ingredients/` claimed by no entry are moved to
+        `lost+found/` (add one back with `Pantry.add` if you want it). Entries whose files are missing are never
+        dropped: they are in the returned problems. Staging folders of adds still running, made on another machine
+        or by an older hf_soup are left alone and reported.
+
+        Returns:
+            `Repair`: `actions` (what was changed or left, one line each) and `problems` (what `verify` still finds).
+
+        Example:
+
+        ```python
+        >>> result = Pantry("pantry").repair()
+        >>> result.problems
+        []
+        ```
+        """
+        from .inventory import repair
+
+        return repair(self)
+
+
+@dataclass
+class Repair:
+    """What `Pantry.repair` did (`actions`) and what is still wrong after it (`problems`, from `Pantry.verify`)."""
+
+    actions: list[str]
+    problems: list[str]

@@ -2,10 +2,13 @@ import hashlib
 import json
 import multiprocessing
 import os
+import subprocess
 
 import pytest
 from conftest import make_model, save_model
 
+from hf_soup.atomic import owner_tag
+from hf_soup.cli import main
 from hf_soup.errors import SoupError
 from hf_soup.pantry import Ingredient, Pantry, config_hash
 
@@ -121,21 +124,160 @@ def test_unwritable_or_file_pantry(tmp_path):
         Pantry(tmp_path / "afile" / "pantry").check_writable()
 
 
-def test_verify_finds_corruption_and_strays(tmp_path, run_folder):
+def dead_owner() -> str:
+    """The owner tag of a process of this machine that has ended."""
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return f"{owner_tag().split('-')[0]}-{process.pid}"
+
+
+def test_verify_finds_corruption_strays_and_leftovers(tmp_path, run_folder):
     pantry = Pantry(tmp_path / "pantry")
     ingredient = pantry.add(run_folder, link="copy")
     weights = pantry.location(ingredient) / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF
     weights.write_bytes(bytes(data))
-    (tmp_path / "pantry" / "ingredients" / "orphan").mkdir()
-    (tmp_path / "pantry" / ".staging-abc").mkdir()
+    root = tmp_path / "pantry"
+    (root / "ingredients" / "orphan").mkdir()
+    (root / ".staging-abc").mkdir()  # an older hf_soup's staging folder: no process recorded
+    dead = dead_owner()
+    (root / f".staging-{dead}-0123456789ab").mkdir()
+    (root / f".staging-{owner_tag()}-0123456789ab").mkdir()  # an add of this (running) process: not a problem
+    (root / ".staging-00000000-1-0123456789ab").mkdir()  # another machine
     problems = pantry.verify()
+    pid = dead.split("-")[1]
     assert problems == [
-        "run: model.safetensors does not match its sha256 (changed or corrupt)",
-        "stray folder ingredients/orphan is claimed by no entry",
-        "unfinished add .staging-abc (an interrupted copy)",
+        "run: model.safetensors does not match its sha256 (changed or corrupt); restore it, or drop the entry: "
+        "hf-soup pantry remove <pantry> run",
+        "stray folder ingredients/orphan is claimed by no entry; `hf-soup pantry repair` moves it to lost+found/",
+        "unfinished add .staging-00000000-1-0123456789ab: made on another machine (running there, or interrupted); "
+        "run `hf-soup pantry repair` on that machine, or delete it by hand once nothing writes to the pantry",
+        f"unfinished add .staging-{dead}-0123456789ab: its process {pid} is gone; `hf-soup pantry repair` removes it",
+        "unfinished add .staging-abc: its process is not recorded (an older hf_soup); delete it by hand once nothing "
+        "writes to the pantry",
     ]
+    assert main(["pantry", "verify", str(root)]) == 1
+
+
+def test_repair_removes_dead_leftovers_keeps_entries_and_moves_strays(tmp_path, run_folder, capsys):
+    root = tmp_path / "pantry"
+    pantry = Pantry(root)
+    kept = pantry.add(run_folder, run="kept")
+    lost = pantry.add(run_folder, run="lost")
+    dead = dead_owner()
+    for name in (f".staging-{dead}-0123456789ab", f".removing-{dead}-01234567"):
+        (root / name).mkdir()
+        (root / name / "model.safetensors").write_bytes(b"half a copy")
+    (root / f".pantry.json.{dead}-01234567.tmp").write_text("{")
+    running = root / f".staging-{owner_tag()}-0123456789ab"  # an add in progress in this process
+    running.mkdir()
+    for name in ("orphan", "twice"):
+        (root / "ingredients" / name).mkdir()
+        (root / "ingredients" / name / "model.safetensors").write_bytes(name.encode())
+    (root / "lost+found" / "twice").mkdir(parents=True)  # an earlier repair's find: not overwritten
+    for item in (pantry.location(lost)).iterdir():
+        item.unlink()
+    pantry.location(lost).rmdir()
+    before = pantry.list()
+
+    result = pantry.repair()
+
+    assert pantry.list() == before, "repair changed the ledger"
+    assert sorted(p.name for p in root.iterdir()) == sorted(
+        [".pantry.lock", "ingredients", "lost+found", "pantry.json", running.name]
+    )
+    assert (root / "lost+found" / "orphan" / "model.safetensors").read_bytes() == b"orphan"
+    assert (root / "lost+found" / "twice-2" / "model.safetensors").read_bytes() == b"twice"
+    assert sorted(p.name for p in (root / "ingredients").iterdir()) == [kept.id]
+    pid, add_back = dead.split("-")[1], "add it back with Pantry.add, or delete it"
+    assert sorted(result.actions) == [
+        f"left unfinished add {running.name}: its process {os.getpid()} still runs",
+        f"moved ingredients/orphan (claimed by no entry) to lost+found/orphan; {add_back}",
+        f"moved ingredients/twice (claimed by no entry) to lost+found/twice-2; {add_back}",
+        f"removed temporary ledger file .pantry.json.{dead}-01234567.tmp (its process {pid} is gone)",
+        f"removed unfinished add .staging-{dead}-0123456789ab (its process {pid} is gone)",
+        f"removed unfinished removal .removing-{dead}-01234567 (its process {pid} is gone)",
+    ]
+    # the entry whose files are gone is reported, never dropped
+    assert result.problems == [
+        "lost: folder ingredients/lost is missing; restore it, or drop the entry: hf-soup pantry remove <pantry> lost"
+    ]
+    capsys.readouterr()
+    assert main(["pantry", "repair", str(root)]) == 1
+    out = capsys.readouterr().out
+    assert "lost: folder ingredients/lost is missing" in out and "2 ingredient(s) checked: 1 problem(s)" in out
+    assert main(["pantry", "remove", str(root), "lost"]) == 0
+    running.rmdir()
+    assert main(["pantry", "repair", str(root)]) == 0
+    assert main(["pantry", "verify", str(root)]) == 0
+    assert "1 ingredient(s) checked: all sha256 match" in capsys.readouterr().out
+
+
+def test_repair_refuses_a_pantry_without_its_ledger(tmp_path, run_folder, capsys):
+    root = tmp_path / "pantry"
+    Pantry(root).add(run_folder)
+    (root / "pantry.json").unlink()
+    with pytest.raises(SoupError, match="has ingredient folders but no pantry.json; restore pantry.json"):
+        Pantry(root).repair()
+    assert (root / "ingredients" / "run").is_dir()
+    (root / "pantry.json").write_text("{broken")
+    assert main(["pantry", "repair", str(root)]) == 2
+    assert "pantry.json is not valid JSON" in capsys.readouterr().err
+    assert (root / "ingredients" / "run").is_dir()
+
+
+def test_a_failed_ledger_write_leaves_no_folder(tmp_path, run_folder, monkeypatch):
+    pantry = Pantry(tmp_path / "pantry")
+    first = pantry.add(run_folder, run="first")
+    ledger = (tmp_path / "pantry" / "pantry.json").read_text()
+
+    def fail(self, ingredients):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(Pantry, "_write", fail)
+    with pytest.raises(OSError, match="Input/output error"):
+        pantry.add(run_folder, run="second")
+    monkeypatch.undo()
+    assert (tmp_path / "pantry" / "pantry.json").read_text() == ledger
+    assert sorted(p.name for p in (tmp_path / "pantry" / "ingredients").iterdir()) == [first.id]
+    assert pantry.verify() == []
+
+
+def test_removal_goes_through_a_named_trash_folder(tmp_path, run_folder, monkeypatch):
+    pantry = Pantry(tmp_path / "pantry")
+    pantry.add(run_folder, run="a")
+    pantry.add(run_folder, run="b")
+    monkeypatch.setattr("hf_soup.pantry.shutil.rmtree", lambda *args, **kwargs: None)  # "killed" before deleting
+    pantry.remove("a")
+    monkeypatch.undo()
+    trash = [p.name for p in (tmp_path / "pantry").glob(".removing-*")]
+    assert trash == [trash[0]] and trash[0].startswith(f".removing-{owner_tag()}-")
+    assert pantry.verify() == []  # this process still runs: not yet a leftover
+    assert [i.id for i in pantry.list()] == ["b"]
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("sha256", ["model.safetensors"], "has sha256 = \\['model.safetensors'\\]; expected a mapping"),
+        ("sha256", {"../../etc/passwd": "00"}, "expected a mapping of weight file name"),
+        ("value", "0.9", "has value = '0.9'; expected a number or null"),
+        ("step", True, "has step = True; expected an integer"),
+        ("size", -1, "has size = -1; expected bytes"),
+        ("kind", "lora", "has kind = 'lora'; expected one of 'full', 'adapter'"),
+        ("id", "a\nb", "lacks a non-empty printable string 'id'"),
+    ],
+)
+def test_ledger_fields_are_checked(tmp_path, run_folder, field, value, message):
+    pantry = Pantry(tmp_path / "pantry")
+    pantry.add(run_folder)
+    data = json.loads(pantry.ledger.read_text())
+    data["ingredients"][0][field] = value
+    pantry.ledger.write_text(json.dumps(data))
+    with pytest.raises(SoupError, match=message) as caught:
+        pantry.list()
+    assert "\n" not in str(caught.value)
 
 
 def _add_many(root, source, count, worker):
