@@ -18,7 +18,7 @@ from .atomic import check_output_folder, staged_folder, write_json
 from .cache import cached_sha256
 from .card import explain_soup
 from .checkpoint import CheckpointReader, CheckpointWriter, RenamedReader, TensorInfo, parse_dtype, weight_files
-from .comparison import choose, coefficients_of
+from .comparison import choose
 from .compat import Plan, check_configs, plan_soup
 from .errors import SoupError
 from .inspection import task_vector_geometry
@@ -37,6 +37,8 @@ SOUP_FORMAT = 1
 # Files of the first ingredient (or base model) that are not copied into the soup: weights are cooked, and these
 # describe a training run rather than the soup.
 NOT_COPIED = {"README.md", "soup.json", "trainer_state.json", "training_args.bin"}
+# The file beside a soup where a strategy keeps resumable state (the search strategy's Optuna study).
+STUDY_SUFFIX = ".study.log"
 
 
 @dataclass
@@ -165,7 +167,8 @@ class SoupBuilder:
                 stack.enter_context(CheckpointReader(folder, allow_pickle=recipe.allow_pickle, label=label))
                 for label, folder in zip(labels, folders)
             ]
-            needs_base = getattr(declared, "needs_base", False)
+            written = _written(declared, parameters)
+            needs_base = written is not None and written.needs_base
             base = None
             if recipe.base_model is not None:
                 base = stack.enter_context(
@@ -186,9 +189,10 @@ class SoupBuilder:
             if getattr(declared, "needs_data", False):
                 statistics = self._statistics(declared, parameters, found, readers, scorer, target.parent, stack)
             if declared.kind == "strategy":
-                result, extra = self._choose(declared, parameters, found, readers, scorer)
+                storage = target.parent / f"{target.name}{STUDY_SUFFIX}"
+                result, extra = self._choose(declared, parameters, found, readers, base, scorer, storage)
                 method, method_parameters, chosen = get_method(result.method), result.parameters, result.chosen
-                coefficients = coefficients_of(result, len(found))
+                coefficients = result.coefficients(len(found))
                 weights = coefficients if not callable(coefficients) else result.record.get("alpha_mean")
             state = process_state()
             if not state.is_main_process:  # under accelerate launch, only the main process writes
@@ -205,7 +209,7 @@ class SoupBuilder:
                     method_parameters,
                     plan,
                     writer,
-                    base=base if needs_base else None,
+                    base=base if method.needs_base else None,
                     seed=recipe.seed,
                     progress=progress,
                     statistics=statistics,
@@ -260,8 +264,12 @@ class SoupBuilder:
                 handles.append(stack.enter_context(safe_open(str(folder / f"{index}.safetensors"), "pt")))
         return handles
 
-    def _choose(self, strategy, parameters, found, readers, scorer) -> tuple[StrategyResult, dict[str, Any]]:
-        """Run a strategy on one resident model; returns its result and the record (choice and report)."""
+    def _choose(
+        self, strategy, parameters, found, readers, base, scorer, storage: Path
+    ) -> tuple[StrategyResult, dict[str, Any]]:
+        """Run a strategy on one resident model; returns its result and the record (choice and report).
+
+        `storage` is the file beside the soup where a strategy keeps resumable state (`search`'s study)."""
         evaluation = self.recipe.evaluation
         scorer = self._scorer(found, scorer)
         selection = evaluation.selection_split if evaluation else next(iter(scorer.splits))
@@ -275,9 +283,17 @@ class SoupBuilder:
                 scorer,
                 selection,
                 reuse_recorded=evaluation.reuse_recorded_scores if evaluation else True,
+                base=base,
+                seed=self.recipe.seed,
             )
             return choose(
-                strategy, parameters, tasting, seed=self.recipe.seed, report_splits=report_splits, compared=compared
+                strategy,
+                parameters,
+                tasting,
+                seed=self.recipe.seed,
+                report_splits=report_splits,
+                compared=compared,
+                storage=storage,
             )
 
     def _record(self, found, digests, declared, parameters, weights, notes, files) -> dict[str, Any]:
@@ -314,6 +330,15 @@ class SoupBuilder:
             "notes": notes,
             "files": sorted(path.name for path in files),
         }
+
+
+def _written(declared, parameters: dict[str, Any]):
+    """The method a recipe's soup is written with: the method itself, or the one a strategy's parameters name
+    (`search`'s `merge:`); `None` when only the strategy's run decides (greedy: uniform; learned: weighted)."""
+    if declared.kind == "method":
+        return declared
+    name = declared.written_method(parameters)
+    return get_method(name) if name is not None else None
 
 
 def _tokenizer(folder: Path):

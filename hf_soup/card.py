@@ -153,15 +153,18 @@ def _strategy(record: dict[str, Any]) -> list[str]:
             f"{strategy['score']:.4f}."
         )
     if strategy.get("trace"):
+        blend = "alpha" in strategy["trace"][0]
         lines += [
             "",
-            f"| step | candidate | {metric} of the soup with it | soup size | decision |",
-            "|---:|---|---:|---:|---|",
+            f"| step | candidate | {metric} of the soup with it | soup size | {'α | ' if blend else ''}decision |",
+            "|---:|---|---:|---:|" + ("---:|" if blend else "") + "---|",
         ]
         for n, step in enumerate(strategy["trace"]):
             decision = "accepted" if step["accepted"] else "rejected"
-            size = step.get("soup_size", "")
-            lines.append(f"| {n} | {_cell(step['id'])} | {step['score']:.4f} | {size} | {decision} |")
+            size, alpha = step.get("soup_size", ""), f"{step.get('alpha', 1.0):.3g} | " if blend else ""
+            lines.append(f"| {n} | {_cell(step['id'])} | {step['score']:.4f} | {size} | {alpha}{decision} |")
+    if strategy.get("history"):
+        lines += _search(strategy, metric, (record.get("report") or {}).get("greater_is_better", True))
     if "alpha_mean" in strategy:
         lines += [
             "",
@@ -177,6 +180,33 @@ def _strategy(record: dict[str, Any]) -> list[str]:
         if strategy.get("loss_per_epoch"):
             lines += ["", "Loss per epoch: " + ", ".join(f"{v:.4f}" for v in strategy["loss_per_epoch"]) + "."]
     return lines + [""]
+
+
+def _search(strategy: dict[str, Any], metric: str, greater_is_better: bool) -> list[str]:
+    """The search strategy's best parameters and the best trials."""
+    history = strategy["history"]
+    completed = [row for row in history if row["state"] == "COMPLETE"]
+    lines = [
+        "",
+        f"{strategy['sampler']} search over the parameters of `{strategy['merge']}`: {len(history)} trials "
+        f"({len(completed)} scored, {strategy.get('resumed_trials', 0)} resumed from the study file), "
+        f"best trial {strategy['best_trial']}"
+        + (f", {strategy['seconds_per_trial']:.2f} s per trial" if strategy.get("seconds_per_trial") else "")
+        + ". Fixed parameters: "
+        + (", ".join(f"{k} = {v}" for k, v in strategy.get("fixed", {}).items()) or "none")
+        + ".",
+        "",
+        "| parameter | best value |",
+        "|---|---:|",
+    ]
+    for name, value in strategy["best_parameters"].items():
+        lines.append(f"| {_cell(name)} | {value:.4g} |" if isinstance(value, float) else f"| {name} | {value} |")
+    top = sorted(completed, key=lambda row: row["score"], reverse=greater_is_better)[:5]
+    lines += ["", f"| trial | {metric} | parameters |", "|---:|---:|---|"]
+    for row in top:
+        shown = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row["parameters"].items())
+        lines.append(f"| {row['trial']} | {row['score']:.4f} | {_cell(shown)} |")
+    return lines
 
 
 def _rebuild(record: dict[str, Any], name: str) -> list[str]:

@@ -7,34 +7,18 @@ report split would leak). Ensembles average the ingredients' logits.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from .strategies.ensemble import average_logits, greedy_ensemble
 from .strategies.registry import STRATEGIES, Strategy, StrategyResult, get_strategy
-from .strategies.tasting import Coefficients, Tasting
-
-
-def coefficients_of(result: StrategyResult, count: int) -> Coefficients:
-    """The per-ingredient coefficients (or per-tensor function) of a strategy's soup."""
-    if result.method == "uniform":
-        return [1.0 / len(result.chosen) if i in result.chosen else 0.0 for i in range(count)]
-    parameters = result.parameters
-
-    def spread(weights: Sequence[float]) -> list[float]:
-        full = [0.0] * count
-        for index, weight in zip(result.chosen, weights):
-            full[index] = weight
-        return full
-
-    if callable(parameters):
-        return lambda name: spread(parameters(name)["weights"])
-    return spread(parameters["weights"])
+from .strategies.tasting import Coefficients, Tasting, serve
 
 
 def compare(
     tasting: Tasting,
     splits: Sequence[str],
-    soups: Mapping[str, Coefficients],
+    soups: Mapping[str, Coefficients | StrategyResult],
     *,
     ensembles: bool = True,
 ) -> dict[str, Any]:
@@ -47,8 +31,8 @@ def compare(
     }
     best = tasting.ingredients[tasting.ranking()[0]].id
     rows: dict[str, dict[str, float]] = {"best individual": individuals[best]}
-    for name, coefficients in soups.items():
-        tasting.mix(coefficients)
+    for name, soup in soups.items():
+        serve(tasting, soup)
         rows[name] = {split: scorer.score(tasting.kitchen.model, split) for split in splits}
     if ensembles and count > 1:
         rows["ensemble"] = {
@@ -92,22 +76,30 @@ def choose(
     seed: int,
     report_splits: Sequence[str],
     compared: Sequence[str],
+    storage: Path | None = None,
 ) -> tuple[StrategyResult, dict[str, Any]]:
     """Run a strategy on a tasting, then score the comparison rows; returns its result and the `soup.json` record
-    (the choice under `strategy`, the comparison under `report`). Works for any tasting (full models, adapters)."""
+    (the choice under `strategy`, the comparison under `report`). Works for any tasting (full models, adapters).
+
+    `storage` is a file beside the soup where a strategy may keep state that lets an interrupted cook resume
+    (`search`'s study)."""
+
+    supplied = {"seed": seed, "storage": storage}
 
     def run(declared: Strategy, given: Mapping[str, Any]) -> StrategyResult:
-        context = {"seed": seed} if "seed" in declared.context else {}
+        context = {name: supplied[name] for name in declared.context}
         return declared.function(tasting, **given, **context)
 
     count, before = tasting.count, tasting.scorer.evaluations
     result = run(strategy, parameters)
     used = tasting.scorer.evaluations - before
-    soups: dict[str, Coefficients] = {"uniform": [1.0 / count] * count} if "uniform" in compared else {}
+    soups: dict[str, Coefficients | StrategyResult] = (
+        {"uniform": [1.0 / count] * count} if "uniform" in compared else {}
+    )
     for name in compared:
         if name in STRATEGIES and name != strategy.name:
-            soups[name] = coefficients_of(run(get_strategy(name), {}), count)
-    soups[strategy.name] = coefficients_of(result, count)
+            soups[name] = run(get_strategy(name), {})
+    soups[strategy.name] = result
     report = compare(tasting, [tasting.split, *report_splits], soups, ensembles="ensemble" in compared)
     record = {
         "strategy": {

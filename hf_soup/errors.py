@@ -7,3 +7,15 @@ class SoupError(ValueError):
     It is a `ValueError`, so callers that catch `ValueError` keep working; the CLI turns it into one line on stderr
     and exit code 2.
     """
+
+
+def did_you_mean(word: object, choices) -> str:
+    """`" (did you mean 'x'?)"` when `word` is a string close to one of `choices` (a typo), else `""`."""
+    import difflib
+
+    if not isinstance(word, str):
+        return ""
+    choices = [choice for choice in choices if isinstance(choice, str)]
+    folded = {choice.lower(): choice for choice in choices}
+    close = [folded[word.lower()]] if word.lower() in folded else difflib.get_close_matches(word, choices, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""

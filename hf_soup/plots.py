@@ -32,6 +32,7 @@ FIGURES = {
     "figure_scores.png": "Held-out vs. shift score of every ingredient and soup (paper figure 1).",
     "figure_trace.png": "Greedy soup: score after each candidate; accepted ● / rejected ✕ (paper recipe 1).",
     "figure_coefficients.png": "Learned soup: mixing coefficient of each ingredient (mean over tensors).",
+    "figure_search.png": "Search: held-out score of every trial ● and the best so far (line); failed trials ✕.",
     "figure_interpolation.png": "Soup (1−α)θ₁ + αθ₂ vs. the logit ensemble along α (paper figure 4).",
     "figure_landscape.png": "Error landscape on the plane through θ₀ (base), θ₁ and θ₂ (paper figure 2).",
     "figure_angles.png": "Angles between task vectors (with `hf-soup plot angles --gains`: soup gain vs. angle for "
@@ -93,6 +94,33 @@ def learned_coefficients(record: dict[str, Any]) -> dict | None:
     if "alpha_mean" not in strategy:
         return None
     return {"ids": [i["id"] for i in record["ingredients"]], "alpha": strategy["alpha_mean"]}
+
+
+def search_history(record: dict[str, Any]) -> dict | None:
+    """The search strategy's score per trial and the best score so far (in the metric's direction)."""
+    strategy = record.get("strategy") or {}
+    history = strategy.get("history")
+    if not history:
+        return None
+    greater = (record.get("report") or {}).get("greater_is_better", True)
+    trials, scores, best, failed = [], [], [], []
+    for row in history:
+        if row["state"] != "COMPLETE":
+            failed.append(row["trial"])
+            continue
+        trials.append(row["trial"])
+        scores.append(row["score"])
+        previous = best[-1] if best else row["score"]
+        best.append(max(previous, row["score"]) if greater else min(previous, row["score"]))
+    return {
+        "trials": trials,
+        "scores": scores,
+        "best": best,
+        "failed": failed,
+        "metric": (record.get("report") or {}).get("metric", "score"),
+        "split": strategy.get("selection_split"),
+        "title": f"{strategy.get('sampler')} search over {strategy.get('merge')} ({len(history)} trials)",
+    }
 
 
 # -- data that needs evaluations -------------------------------------------------------------------------------------
@@ -264,6 +292,21 @@ def plot_coefficients(data: dict, path) -> Path:
     return _save(figure, path)
 
 
+def plot_search(data: dict, path) -> Path:
+    figure, (axes,) = _figure()
+    axes.scatter(data["trials"], data["scores"], c="tab:blue", s=25, zorder=3, label="trial")
+    axes.step(data["trials"], data["best"], where="post", color="0.3", label="best so far")
+    if data["failed"] and data["scores"]:
+        low = min(data["scores"])
+        axes.scatter(data["failed"], [low] * len(data["failed"]), marker="x", c="tab:red", label="failed")
+    axes.set_xlabel("trial")
+    axes.set_ylabel(f"{data['metric']} on {data['split']}")
+    axes.set_title(data["title"], fontsize=9)
+    axes.legend(fontsize=8)
+    axes.grid(alpha=0.3)
+    return _save(figure, path)
+
+
 def plot_interpolation(data: dict, path) -> Path:
     figure, (axes,) = _figure()
     for split in data["splits"]:
@@ -318,7 +361,8 @@ def plot_angles(data: dict, path, gains: dict | None = None) -> Path:
 
 
 def draw_report_figures(soup_dir: str | os.PathLike) -> list[Path]:
-    """Draw figures 1, 2 and 5 from a soup folder's `soup.json` (what it has data for); returns the PNGs written.
+    """Draw figures 1, 2 and 5 (and the search history) from a soup folder's `soup.json` (what it has data for);
+    returns the PNGs written.
 
     Without matplotlib nothing is drawn (a warning says how to install it) and the cook goes on.
     """
@@ -328,6 +372,7 @@ def draw_report_figures(soup_dir: str | os.PathLike) -> list[Path]:
         (report_scores(record), plot_scores, "figure_scores.png"),
         (greedy_trace(record), plot_trace, "figure_trace.png"),
         (learned_coefficients(record), plot_coefficients, "figure_coefficients.png"),
+        (search_history(record), plot_search, "figure_search.png"),
         (record.get("task_vectors"), plot_angles, "figure_angles.png"),
     ]
     written = []

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import parse_dtype, parse_size
-from .errors import SoupError
+from .errors import SoupError, did_you_mean
 from .evaluation import Evaluation
 from .methods import METHODS, get_method
 from .methods.registry import Declaration
@@ -46,15 +46,32 @@ RECIPE_KEYS = {
 ADAPTER_OUTPUTS = ("concat", "svd", "merged", "naive")
 
 
-def lookup(name: Any) -> Declaration:
-    """The method or strategy called `name`; the error lists both."""
+SEEDS = 2**32  # seeds are 0 ≤ seed < 2**32: what every generator a method or strategy may use accepts (numpy's too)
+KIND_NAMES = {str: "a string", int: "an integer", list: "a list", bool: "true or false"}
+
+
+def lookup(name: Any, source: str | None = None) -> Declaration:
+    """The method or strategy called `name`; the error lists both (and the near miss, for a typo)."""
     if isinstance(name, str) and name in STRATEGIES:
         return get_strategy(name)
     if isinstance(name, str) and name in METHODS:
         return get_method(name)
+    where = f"{source}: " if source else ""
     raise SoupError(
-        f"unknown method {name!r}; methods: {', '.join(sorted(METHODS))}; strategies: {', '.join(sorted(STRATEGIES))}"
+        f"{where}unknown method {shown(name)}{did_you_mean(name, [*METHODS, *STRATEGIES])}; methods: "
+        f"{', '.join(sorted(METHODS))}; strategies: {', '.join(sorted(STRATEGIES))}"
     )
+
+
+def shown(value: Any) -> str:
+    """A short one-line repr of a value for an error message (long lists, mappings and strings are cut)."""
+    import reprlib
+
+    short = reprlib.Repr()
+    short.maxstring = short.maxother = 80
+    short.maxlist = short.maxtuple = short.maxdict = short.maxset = 8
+    short.maxlevel = 3
+    return short.repr(value)
 
 
 @dataclass
@@ -82,20 +99,29 @@ class Recipe:
     @classmethod
     def from_mapping(cls, data: Any, *, base_dir: str | os.PathLike | None = None, source: str = "<python>") -> Recipe:
         """Validate a recipe mapping; relative paths are resolved against `base_dir` (default: the working folder)."""
+        if data is None:
+            raise SoupError(
+                f"{source}: the recipe is empty; write `key: value` lines: method:, ingredients: (or pantry:), output:"
+            )
         if not isinstance(data, Mapping):
-            raise SoupError(f"{source}: a recipe must be a mapping of keys to values, got {type(data).__name__}")
+            raise SoupError(
+                f"{source}: a recipe must be a mapping of keys to values, got {type(data).__name__}; write `key: "
+                "value` lines such as `method: uniform`, `ingredients: [...]`, `output: DIR`"
+            )
         base = Path(base_dir) if base_dir is not None else Path.cwd()
-        if "method" not in data:
-            raise SoupError(f"{source}: the recipe needs `method:` (e.g. method: uniform)")
-        method = lookup(_typed(data, "method", str, source))
+        name = _typed(data, "method", str, source)
+        if name is None:
+            raise SoupError(f"{source}: the recipe needs `method:`, e.g. method: uniform (see `hf-soup methods`)")
+        method = lookup(name, source)
         recipe_keys = set(RECIPE_KEYS)
         parameters = {key: value for key, value in data.items() if key not in recipe_keys}
         unknown = [key for key in parameters if key not in method.parameters]
         if unknown:
             accepted = ", ".join(method.parameters) or "none"
+            hint = did_you_mean(unknown[0], [*RECIPE_KEYS, *method.parameters])
             raise SoupError(
-                f"{source}: unknown key {unknown[0]!r}; recipe keys: {', '.join(RECIPE_KEYS)}; parameters of "
-                f"{method.kind} {method.name!r}: {accepted}"
+                f"{source}: unknown key {shown(unknown[0])}{hint}; recipe keys: {', '.join(RECIPE_KEYS)}; parameters "
+                f"of {method.kind} {method.name!r}: {accepted}"
             )
 
         def path_of(key: str) -> Path | None:
@@ -106,7 +132,7 @@ class Recipe:
         if ingredients is not None:
             for i, item in enumerate(ingredients):
                 if not isinstance(item, str) or not item:
-                    raise SoupError(f"{source}: ingredients[{i}] must be a folder path (string), got {item!r}")
+                    raise SoupError(f"{source}: ingredients[{i}] must be a folder path (string), got {shown(item)}")
         pantry = path_of("pantry")
         select = _typed(data, "select", list, source)
         if ingredients is not None and pantry is not None:
@@ -120,12 +146,18 @@ class Recipe:
                 raise SoupError(f"{source}: `select:` must be a non-empty list of ingredient ids (strings)")
         dtype = _typed(data, "dtype", str, source)
         if dtype is not None:
-            parse_dtype(dtype)
-        max_shard_size = data.get("max_shard_size", "5GB")
+            _parsed(parse_dtype, dtype, "dtype", source)
+        max_shard_size = data.get("max_shard_size")
+        if max_shard_size is None:
+            max_shard_size = "5GB"
         if not isinstance(max_shard_size, (int, str)) or isinstance(max_shard_size, bool):
-            raise SoupError(f"{source}: max_shard_size must be bytes or a size like '5GB', got {max_shard_size!r}")
-        parse_size(max_shard_size)
+            raise SoupError(
+                f"{source}: `max_shard_size` must be bytes or a size like '5GB', got {shown(max_shard_size)}"
+            )
+        _parsed(parse_size, max_shard_size, "max_shard_size", source)
         seed = _typed(data, "seed", int, source)
+        if seed is not None and not 0 <= seed < SEEDS:
+            raise SoupError(f"{source}: `seed` must be an integer from 0 to {SEEDS - 1}, got {seed}")
         adapter_output, rank = _typed(data, "adapter_output", str, source), _typed(data, "rank", int, source)
         if adapter_output is not None and adapter_output not in ADAPTER_OUTPUTS:
             raise SoupError(
@@ -162,9 +194,10 @@ class Recipe:
                 f"{source}: {method.kind} {method.name!r} needs data: add an `evaluation:` section "
                 "(dataset, selection_split, metric; see README)"
             )
-        if getattr(method, "needs_base", False) and recipe.base_model is None:
+        written = method.written_method(parameters) if method.kind == "strategy" else method.name
+        if written is not None and get_method(written).needs_base and recipe.base_model is None:
             raise SoupError(
-                f"{source}: method {method.name!r} needs `base_model:` (the folder fine-tuning started from)"
+                f"{source}: method {written!r} needs `base_model:` (the folder fine-tuning started from)"
             )
         return recipe
 
@@ -175,9 +208,18 @@ def _typed(data: Mapping[str, Any], key: str, kind: type, source: str) -> Any:
         return None
     if kind is int and isinstance(value, bool) or not isinstance(value, kind):
         raise SoupError(
-            f"{source}: `{key}` must be a {kind.__name__}, got {type(value).__name__} {value!r} ({RECIPE_KEYS[key]})"
+            f"{source}: `{key}` must be {KIND_NAMES[kind]}, got {type(value).__name__} {shown(value)} "
+            f"({RECIPE_KEYS[key]})"
         )
     return value
+
+
+def _parsed(parse, value: Any, key: str, source: str) -> Any:
+    """`parse(value)`, its error prefixed with the recipe and the key."""
+    try:
+        return parse(value)
+    except SoupError as error:
+        raise SoupError(f"{source}: `{key}`: {error}") from None
 
 
 def load_recipe(path: str | os.PathLike) -> Recipe:
@@ -186,13 +228,22 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
 
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as error:
         raise SoupError(f"cannot read recipe {path}: {error.strerror or error}; give a YAML file's path") from None
+    except UnicodeDecodeError as error:
+        raise SoupError(
+            f"recipe {path} is not UTF-8 text (byte {error.start} cannot be decoded); save it as UTF-8 YAML"
+        ) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as error:
         where = getattr(error, "problem_mark", None)
         line = f" at line {where.line + 1}" if where is not None else ""
-        raise SoupError(f"recipe {path} is not valid YAML{line}: {getattr(error, 'problem', error)}") from None
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise SoupError(
+            f"recipe {path} is not valid YAML{line}: {problem}; fix the YAML there (brackets, indentation, quotes)"
+        ) from None
+    except RecursionError:
+        raise SoupError(f"recipe {path} nests lists or mappings too deeply; a recipe is a few levels deep") from None
     return Recipe.from_mapping(data, base_dir=path.absolute().parent, source=str(path))

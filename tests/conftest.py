@@ -137,3 +137,55 @@ def make_split(count, seed, *, shift=False):
     rest = torch.randint(40 if shift else 4, 64 if shift else 40, (count, 7), generator=generator)
     ids = torch.cat([first, rest], dim=1)
     return Dataset.from_dict({"input_ids": ids.tolist(), "label": (first[:, 0] >= 34).long().tolist()})
+
+
+# -- a tiny BERT trained so the answers of strategies are known (test_strategies, test_search) -------------------
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """A tiny BERT classifier trained to ~100% accuracy, saved once per session."""
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(bert_config(num_labels=2))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    data = make_split(512, 1)
+    ids, labels = torch.tensor(data["input_ids"]), torch.tensor(data["label"])
+    model.train()
+    for step in range(80):
+        batch = slice((step * 32) % 512, (step * 32) % 512 + 32)
+        loss = model(input_ids=ids[batch], labels=labels[batch]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    return save_model(model, tmp_path_factory.mktemp("trained") / "model")
+
+
+def perturbed(trained, folder, seed, scale):
+    from transformers import BertForSequenceClassification
+
+    model = BertForSequenceClassification.from_pretrained(trained)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * scale)
+    return save_model(model, folder)
+
+
+@pytest.fixture
+def ingredients(trained, tmp_path):
+    """Two good fine-tunes (small perturbations) and one broken run (large noise)."""
+    return [
+        perturbed(trained, tmp_path / "good_a", 1, 0.005),
+        perturbed(trained, tmp_path / "good_b", 2, 0.005),
+        perturbed(trained, tmp_path / "noise", 3, 1.0),
+    ]
+
+
+@pytest.fixture
+def splits():
+    return {"validation": make_split(96, 10), "test": make_split(96, 11), "shift": make_split(96, 12, shift=True)}
+
+
+def evaluation(splits, **extra):
+    return {"splits": splits, "selection_split": "validation", "report_splits": ["test", "shift"], **extra}

@@ -5,63 +5,12 @@ import logging
 
 import pytest
 import torch
-from conftest import ACCELERATE_LAUNCH, bert_config, make_split, save_model
+from conftest import ACCELERATE_LAUNCH, evaluation, perturbed
 
 from hf_soup import Pantry, SoupBuilder, SoupError
 from hf_soup.kitchen import Kitchen
 from hf_soup.scoring import Scorer
 from hf_soup.tasks import get_task
-
-
-@pytest.fixture(scope="session")
-def trained(tmp_path_factory):
-    """A tiny BERT classifier trained to ~100% accuracy, saved once per session."""
-    from transformers import BertForSequenceClassification
-
-    torch.manual_seed(0)
-    model = BertForSequenceClassification(bert_config(num_labels=2))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    data = make_split(512, 1)
-    ids, labels = torch.tensor(data["input_ids"]), torch.tensor(data["label"])
-    model.train()
-    for step in range(80):
-        batch = slice((step * 32) % 512, (step * 32) % 512 + 32)
-        loss = model(input_ids=ids[batch], labels=labels[batch]).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.eval()
-    return save_model(model, tmp_path_factory.mktemp("trained") / "model")
-
-
-def perturbed(trained, folder, seed, scale):
-    from transformers import BertForSequenceClassification
-
-    model = BertForSequenceClassification.from_pretrained(trained)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(torch.randn(parameter.shape, generator=generator) * scale)
-    return save_model(model, folder)
-
-
-@pytest.fixture
-def ingredients(trained, tmp_path):
-    """Two good fine-tunes (small perturbations) and one broken run (large noise)."""
-    return [
-        perturbed(trained, tmp_path / "good_a", 1, 0.005),
-        perturbed(trained, tmp_path / "good_b", 2, 0.005),
-        perturbed(trained, tmp_path / "noise", 3, 1.0),
-    ]
-
-
-@pytest.fixture
-def splits():
-    return {"validation": make_split(96, 10), "test": make_split(96, 11), "shift": make_split(96, 12, shift=True)}
-
-
-def evaluation(splits, **extra):
-    return {"splits": splits, "selection_split": "validation", "report_splits": ["test", "shift"], **extra}
 
 
 def test_greedy_rejects_the_noise_ingredient_and_reports(ingredients, splits, tmp_path):
@@ -223,7 +172,7 @@ def test_evaluation_errors(ingredients, splits, tmp_path):
         SoupBuilder(ingredients, method="greedy", evaluation=evaluation(splits, metric="no_such_metric")).cook(
             tmp_path / "soup", progress=False
         )
-    with pytest.raises(SoupError, match="unknown key 'rules'.*parameters of strategy 'greedy': rule, order$"):
+    with pytest.raises(SoupError, match="unknown key 'rules'.*parameters of strategy 'greedy': rule, order, alpha$"):
         SoupBuilder(ingredients, method="greedy", rules=">", evaluation=evaluation(splits)).cook(
             tmp_path / "soup", progress=False
         )

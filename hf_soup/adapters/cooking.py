@@ -31,7 +31,6 @@ def cook_adapters(
     `svd` (rank `rank`, error reported), `merged` (a full model) or `naive` (A and B averaged: an approximation).
     """
     from ..builder import Soup, _ingredient_digests
-    from ..comparison import coefficients_of
     from ..recipe import lookup
     from ..scoring import process_state
 
@@ -85,7 +84,7 @@ def cook_adapters(
         extra: dict[str, Any] = {}
         if declared.kind == "strategy":
             result, extra = choose(builder, declared, parameters, found, adapters, base_folder, scorer)
-            coefficients = coefficients_of(result, count)
+            coefficients = result.coefficients(count)
             weights = coefficients if not callable(coefficients) else result.record.get("alpha_mean")
         else:
             weights = declared.mixing(parameters, count)

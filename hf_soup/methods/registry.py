@@ -23,6 +23,7 @@ CONTEXT = {
     "base": "the base model's fp32 tensor of the same name (the recipe must name `base_model`)",
     "generator": "a `torch.Generator` seeded from the recipe's `seed` and the tensor name",
     "seed": "the recipe's `seed` (for strategies that draw random numbers)",
+    "storage": "a file beside the soup where a strategy keeps what lets an interrupted cook resume (or None)",
     "statistics": "per-ingredient statistics of the same tensor (None where there are none), from the method's "
     "`statistics` hook run on the recipe's evaluation data",
 }

@@ -1,6 +1,6 @@
 """Strategies: soups whose weights are chosen by held-out score. Importing this package registers them."""
 
-from . import greedy, learned  # noqa: F401  (registration)
+from . import greedy, learned, search  # noqa: F401  (registration)
 from .registry import STRATEGIES, Strategy, StrategyResult, get_strategy, register_strategy
 from .tasting import Tasting
 

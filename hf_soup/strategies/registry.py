@@ -19,6 +19,11 @@ class Strategy(Declaration):
     """A registered strategy: `function(tasting, **parameters) -> StrategyResult`."""
 
     kind = "strategy"
+    writes: Callable[[dict[str, Any]], str | None] | None = None
+
+    def written_method(self, parameters: dict[str, Any]) -> str | None:
+        """The method whose soup this strategy writes, when its recipe parameters say (`search`'s `merge:`)."""
+        return self.writes(parameters) if self.writes is not None else None
 
 
 @dataclass
@@ -40,6 +45,26 @@ class StrategyResult:
     score: float
     record: dict[str, Any] = field(default_factory=dict)
 
+    def coefficients(self, count: int) -> list[float] | Callable[[str], list[float]] | None:
+        """The coefficient of each of the `count` ingredients (or a function of the tensor name giving them) when
+        the soup is a linear combination of them (`uniform`, `weighted`, ...); `None` for other methods (ties, ...).
+        """
+        from ..methods import get_method
+
+        mixing = get_method(self.method).mixing
+        if mixing is None:
+            return None
+
+        def spread(parameters: dict[str, Any]) -> list[float]:
+            full = [0.0] * count
+            for index, weight in zip(self.chosen, mixing(parameters, len(self.chosen))):
+                full[index] = weight
+            return full
+
+        if callable(self.parameters):
+            return lambda name: spread(self.parameters(name))
+        return spread(self.parameters)
+
 
 STRATEGIES: dict[str, Strategy] = {}
 
@@ -48,16 +73,21 @@ def register_strategy(
     name: str | None = None,
     *,
     check: Callable[[dict[str, Any], int], dict[str, Any]] | None = None,
+    writes: Callable[[dict[str, Any]], str | None] | None = None,
     overwrite: bool = False,
 ) -> Callable[[Callable[..., StrategyResult]], Callable[..., StrategyResult]]:
-    """Register a strategy; its signature declares its parameters (see `register_method`)."""
+    """Register a strategy; its signature declares its parameters (see `register_method`).
+
+    `writes(parameters)` names the method the soup is written with when the recipe chooses it (so that a recipe
+    whose soup needs `base_model:` is refused before any tensor is read).
+    """
 
     def decorate(function: Callable[..., StrategyResult]) -> Callable[..., StrategyResult]:
         strategy_name = name or function.__name__
         if strategy_name in STRATEGIES and not overwrite:
             raise SoupError(f"strategy {strategy_name!r} is already registered; pass overwrite=True to replace it")
         parameters, context = declare(function, strategy_name, "the tasting")
-        STRATEGIES[strategy_name] = Strategy(strategy_name, function, parameters, context, check)
+        STRATEGIES[strategy_name] = Strategy(strategy_name, function, parameters, context, check, writes)
         return function
 
     return decorate

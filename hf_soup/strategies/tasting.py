@@ -16,9 +16,12 @@ import torch
 from ..checkpoint import FLOAT_DTYPES, CheckpointReader
 from ..errors import SoupError
 from ..kitchen import Kitchen
+from ..merge import Parameters, merge_tensor
+from ..methods import get_method
 from ..pantry import Ingredient
 from ..scoring import Batches, Scorer
 from ..tasks import training_loss
+from .registry import StrategyResult
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +40,8 @@ class Tasting:
     `ingredients`, `count`, `scorer`, `split`, `evaluations`, `recorded` (indices whose score came from the
     pantry), `ranking()`, `score(i)`, `outputs(i, split)`,
     `mix(coefficients)`, `taste(coefficients)`, `taste_uniform(members)`, `groups(granularity)` and
-    `backward(alpha, groups, batch, beta)`.
+    `backward(alpha, groups, batch, beta)`; full models also `apply(method, parameters, chosen)` (any method, not
+    only linear ones).
 
     Args:
         ingredients (`list[Ingredient]`), readers (`list[CheckpointReader]`): in recipe order.
@@ -46,6 +50,8 @@ class Tasting:
         split (`str`): the selection split.
         reuse_recorded (`bool`, *optional*, defaults to `True`): use an ingredient's recorded score (from the
             pantry) when it was measured on the selection split with the same metric.
+        base (`CheckpointReader`, *optional*): the base model, for methods that need it (`apply`).
+        seed (`int`, *optional*, defaults to 0): the recipe's seed, for methods that draw random numbers (`apply`).
     """
 
     def __init__(
@@ -57,8 +63,12 @@ class Tasting:
         split: str,
         *,
         reuse_recorded: bool = True,
+        base: CheckpointReader | None = None,
+        seed: int = 0,
     ):
         self.ingredients = list(ingredients)
+        self.base = base
+        self.seed = seed
         self.readers = list(readers)
         self.kitchen = kitchen
         self.scorer = scorer
@@ -98,6 +108,22 @@ class Tasting:
             tensor = reader.get(name).float()  # may be a view of the file mapping: never modified in place
             out = tensor * weight if out is None else out.add_(tensor, alpha=weight)
         return out if out is not None else torch.zeros(first.info(name).shape)
+
+    def apply(self, method: str, parameters: Parameters, chosen: Sequence[int] | None = None) -> None:
+        """Write the soup of a registered method over `chosen` (default: all) into the resident model, tensor by
+        tensor with the streaming engine's `merge_tensor`: the same tensors the cook then writes to disk."""
+        declared = get_method(method)
+        if declared.needs_data or declared.layout is not None:
+            raise SoupError(
+                f"method {method!r} cannot be tasted candidate by candidate (it needs statistics from data or "
+                "rearranges layers); choose a data-free method that merges same-named tensors"
+            )
+        if declared.needs_base and self.base is None:
+            raise SoupError(f"method {method!r} needs the base model: add `base_model:` to the recipe")
+        readers = self.readers if chosen is None else [self.readers[i] for i in chosen]
+        for name in self.names:
+            value = merge_tensor(name, readers, declared, parameters, base=self.base, seed=self.seed)
+            self.kitchen.write(name, value)
 
     def load_ingredient(self, index: int) -> None:
         """Write one ingredient into the resident model."""
@@ -209,3 +235,21 @@ class Tasting:
         scores = [self.score(i) for i in range(self.count)]
         sign = -1 if self.scorer.metric.greater_is_better else 1
         return sorted(range(self.count), key=lambda i: (sign * scores[i], i))
+
+
+def serve(tasting: Tasting, soup: Coefficients | StrategyResult) -> None:
+    """Write a soup into the resident model: a linear one by its coefficients (any tasting), another method's
+    (ties, slerp, ...) tensor by tensor with that method (full-model tastings)."""
+    if not isinstance(soup, StrategyResult):
+        tasting.mix(soup)
+        return
+    coefficients = soup.coefficients(tasting.count)
+    if coefficients is not None:
+        tasting.mix(coefficients)
+    elif hasattr(tasting, "apply"):
+        tasting.apply(soup.method, soup.parameters, soup.chosen)
+    else:
+        raise SoupError(
+            f"a {soup.method!r} soup cannot be tasted on these ingredients; only linear soups (uniform, weighted) "
+            "are tasted in adapter space"
+        )

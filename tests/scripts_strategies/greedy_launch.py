@@ -1,4 +1,5 @@
-"""Cook a greedy soup (1 process, or N under `accelerate launch`) and write what each rank saw as JSON."""
+"""Cook a greedy (or, with --search, a search) soup, in 1 process or N under `accelerate launch`, and write what
+each rank saw as JSON."""
 
 import argparse
 import json
@@ -13,6 +14,7 @@ def main() -> None:
     parser.add_argument("--ingredients", nargs="+", required=True)
     parser.add_argument("--data", required=True, help="a DatasetDict saved with save_to_disk")
     parser.add_argument("--output", required=True)
+    parser.add_argument("--search", help="the search strategy's parameters as JSON, instead of greedy")
     args = parser.parse_args()
     state = process_state()
     evaluation = {
@@ -21,11 +23,13 @@ def main() -> None:
         "report_splits": ["test", "shift"],
         "batch_size": 16,
     }
-    soup = SoupBuilder(args.ingredients, method="greedy", evaluation=evaluation).cook(args.output, progress=False)
+    options = {"method": "search", "trials": 6, **json.loads(args.search)} if args.search else {"method": "greedy"}
+    soup = SoupBuilder(args.ingredients, evaluation=evaluation, **options).cook(args.output, progress=False)
     result = {
         "rank": state.process_index,
         "world_size": state.num_processes,
-        "trace": soup.record["strategy"]["trace"],
+        "trace": soup.record["strategy"].get("trace"),
+        "history": soup.record["strategy"].get("history"),
         "evaluations": soup.record["strategy"]["evaluations"],
         "report": soup.record["report"]["rows"],
     }

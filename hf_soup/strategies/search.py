@@ -1,0 +1,277 @@
+"""Search: tune the parameters of any merge method on the held-out split (grid, random, TPE, CMA-ES via Optuna).
+
+Each trial writes the candidate soup into the ONE resident model, tensor by tensor (no disk round trip), and scores
+it on the selection split; the best trial's parameters write the soup. With per-layer groups (`groups:` in the
+space) and the CMA-ES sampler this is the evolutionary model merge of Akiba et al. 2024 (https://arxiv.org/abs/
+2403.13187; mergekit-evolve) restricted to parameter space, scored by the recipe's own evaluation.
+
+The study is kept in a journal file beside the soup (`<soup>.study.log`): a cook that is interrupted, or run again
+with a larger `trials`, resumes it without repeating finished trials. Delete the file to start afresh.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from ..errors import SoupError
+from ..scoring import process_state
+from .registry import StrategyResult, register_strategy
+from .space import SearchSpace
+from .tasting import Tasting
+
+logger = logging.getLogger(__name__)
+
+SAMPLERS = ("grid", "random", "tpe", "cmaes")
+INSTALL_HINT = "pip install 'hf_soup[search]'"
+
+
+def check_search(parameters: dict[str, Any], count: int) -> dict[str, Any]:
+    """The space must fit the merge method (checked at both ends of every range), the budget be positive."""
+    SearchSpace.parse(parameters["merge"], parameters["space"], parameters["fixed"] or {}, count)
+    if parameters["trials"] < 1 or parameters["grid_points"] < 2:
+        raise SoupError(
+            f"search: trials must be ≥ 1 and grid_points ≥ 2, got trials {parameters['trials']}, "
+            f"grid_points {parameters['grid_points']}"
+        )
+    return parameters
+
+
+def _merge_of(parameters: dict[str, Any]) -> str | None:
+    merge = parameters.get("merge")
+    return merge if isinstance(merge, str) else None
+
+
+@register_strategy("search", check=check_search, writes=_merge_of)
+def search(
+    tasting: Tasting,
+    *,
+    merge: str,
+    space: dict,
+    fixed: dict | None = None,
+    sampler: Literal["tpe", "random", "grid", "cmaes"] = "tpe",
+    trials: int = 50,
+    grid_points: int = 5,
+    seed: int,
+    storage: Path | None,
+) -> StrategyResult:
+    """Search the parameters of a merge method on the selection split (Optuna: tpe, random, grid or cmaes).
+
+    Args:
+        merge (`str`): the method whose parameters are searched (weighted, slerp, task_arithmetic, ties, dare, ...).
+        space (`dict`): parameter → range (`{low, high, log, step, groups}`) or `{choices: [...]}`; list
+            parameters (`weights`) get one dimension per ingredient, `groups: G` one value per layer group.
+        fixed (`dict`, *optional*): the method's other parameters, held fixed.
+        sampler (`str`, *optional*, defaults to `"tpe"`): `tpe`, `random`, `grid` (`grid_points` values per
+            numeric dimension, visited in a seeded random order) or `cmaes`.
+        trials (`int`, *optional*, defaults to 50): the budget, finished trials of a resumed study included.
+        grid_points (`int`, *optional*, defaults to 5): values per numeric dimension for `grid`.
+    """
+    optuna = _optuna()
+    space_ = SearchSpace.parse(merge, space, fixed or {}, tasting.count)
+    linear = space_.method.mixing is not None
+    if not linear and not hasattr(tasting, "apply"):
+        raise SoupError(
+            f"search: method {merge!r} is not a linear combination, and adapter ingredients are searched in adapter "
+            "space; search weighted or uniform-family methods over adapters, or merge them into full models first"
+        )
+    scorer, state = tasting.scorer, process_state()
+    main = state.is_main_process
+    grid = space_.grid(grid_points) if sampler == "grid" else None
+    study = None
+    if main:
+        study = optuna.create_study(
+            study_name=_study_name(tasting, merge, space_, sampler, seed, grid_points),
+            storage=_storage(optuna, storage),
+            sampler=_sampler(optuna, sampler, seed, grid),
+            direction="maximize" if scorer.metric.greater_is_better else "minimize",
+            load_if_exists=True,
+        )
+        _fail_interrupted(optuna, study)
+    done = _broadcast(state, len(_finished(optuna, study)) if main else None)
+    budget = trials if grid is None else min(trials, _grid_size(grid))
+    evaluations = 0
+
+    def taste(values: dict[str, Any]) -> float:
+        """Score one proposal on every process (each scores its shard of the split under accelerate launch)."""
+        nonlocal evaluations
+        parameters = space_.parameters(values, tasting.names)  # SoupError: a proposal the method refuses
+        evaluations += 1
+        return _taste(tasting, space_, parameters)
+
+    def objective(trial) -> float:
+        values = _broadcast(state, {d.name: d.suggest(trial) for d in space_.dimensions})
+        started = time.perf_counter()
+        try:
+            score = taste(values)
+        except SoupError as error:  # e.g. weights that are all 0: the trial fails, the search goes on
+            trial.set_user_attr("error", str(error))
+            raise
+        trial.set_user_attr("seconds", time.perf_counter() - started)
+        logger.info("search trial %d: %s → %.6g", trial.number, values, score)
+        return score
+
+    if main:
+        if budget > done:  # the grid sampler stops the study itself once every grid point is taken
+            study.optimize(objective, n_trials=budget - done, catch=(SoupError,))
+        _broadcast(state, None)
+    else:  # the other processes score what the main process proposes, until it says None
+        while (values := _broadcast(state, None)) is not None:
+            try:
+                taste(values)
+            except SoupError:
+                pass
+    history = _broadcast(state, _history(optuna, study) if main else None)
+    completed = [row for row in history if row["state"] == "COMPLETE"]
+    if not completed:
+        reasons = sorted({row.get("error", "") for row in history} - {""})
+        raise SoupError(f"search: no trial succeeded; {reasons[0] if reasons else 'check the space'}")
+    best = completed[0]
+    for row in completed[1:]:  # the first of equally good trials wins
+        if scorer.better(row["score"], best["score"], strict=True):
+            best = row
+    parameters = space_.parameters(best["parameters"], tasting.names)
+    seconds = [row["seconds"] for row in completed if row.get("seconds") is not None]
+    record = {
+        "merge": merge,
+        "sampler": sampler,
+        "trials": trials,
+        "space": space_.to_dict(),
+        "fixed": space_.fixed,
+        "best_trial": best["trial"],
+        "best_parameters": best["parameters"],
+        "written_parameters": _jsonable(parameters, tasting.names),
+        "history": history,
+        "resumed_trials": done,
+        "new_trials": evaluations,
+        "seconds_per_trial": sum(seconds) / len(seconds) if seconds else None,
+        "storage": str(storage) if storage is not None else None,
+        "study": study.study_name if main else None,
+    }
+    return StrategyResult(
+        chosen=list(range(tasting.count)), method=merge, parameters=parameters, score=best["score"], record=record
+    )
+
+
+def _taste(tasting: Tasting, space: SearchSpace, parameters) -> float:
+    """Write one candidate into the resident model and score it: linear methods by their coefficients, others
+    with the method itself."""
+    if space.method.mixing is not None:
+        count = tasting.count
+        if callable(parameters):
+            return tasting.taste(lambda name: space.method.mixing(parameters(name), count))
+        return tasting.taste(space.method.mixing(parameters, count))
+    tasting.apply(space.method.name, parameters)
+    return tasting.scorer.score(tasting.kitchen.model, tasting.split)
+
+
+def _optuna():
+    try:
+        import optuna
+    except ImportError:
+        raise SoupError(f"the search strategy needs Optuna; install it with `{INSTALL_HINT}`") from None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna
+
+
+def _sampler(optuna, name: str, seed: int, grid: dict[str, list] | None):
+    if name == "grid":
+        return optuna.samplers.GridSampler(grid, seed=seed)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, warn_independent_sampling=False)
+    try:
+        import cmaes  # noqa: F401
+    except ImportError:
+        raise SoupError(f"the cmaes sampler needs the `cmaes` package; install it with `{INSTALL_HINT}`") from None
+    return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
+
+
+def _storage(optuna, path: Path | None):
+    """A journal file (append-only, safe to interrupt) or, without a path, memory."""
+    if path is None:
+        return None
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return JournalStorage(JournalFileBackend(str(path)))
+
+
+def _study_name(tasting: Tasting, merge: str, space: SearchSpace, sampler: str, seed: int, points: int) -> str:
+    """One study per (ingredients, split, metric, method, space, sampler, seed): a changed recipe starts anew."""
+    key = {
+        "ingredients": [i.id for i in tasting.ingredients],
+        "sha256": [i.sha256 for i in tasting.ingredients],
+        "split": tasting.split,
+        "metric": tasting.scorer.metric.name,
+        "merge": merge,
+        "space": space.to_dict(),
+        "fixed": space.fixed,
+        "sampler": sampler,
+        "seed": seed,
+        "grid_points": points if sampler == "grid" else None,
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return f"hf_soup-search-{merge}-{digest}"
+
+
+INTERRUPTED = "interrupted: the cook stopped during this trial"
+
+
+def _finished(optuna, study) -> list:
+    """Trials that count against the budget: scored ones, and proposals the method refused."""
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)
+    return [t for t in study.get_trials(deepcopy=False, states=states) if t.user_attrs.get("error") != INTERRUPTED]
+
+
+def _fail_interrupted(optuna, study) -> None:
+    """Trials left running by a killed cook are marked failed (and not counted), so a resumed study goes on.
+
+    One cook per study file at a time: a second cook on the same file would see the first one's running trial here.
+    """
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        study._storage.set_trial_user_attr(trial._trial_id, "error", INTERRUPTED)
+        study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+
+
+def _grid_size(grid: dict[str, list]) -> int:
+    size = 1
+    for values in grid.values():
+        size *= len(values)
+    return size
+
+
+def _history(optuna, study) -> list[dict[str, Any]]:
+    rows = []
+    for trial in study.get_trials(deepcopy=False):
+        if trial.state == optuna.trial.TrialState.RUNNING:
+            continue
+        row = {"trial": trial.number, "parameters": dict(trial.params), "state": trial.state.name}
+        row["score"] = trial.value
+        row["seconds"] = trial.user_attrs.get("seconds")
+        if "error" in trial.user_attrs:
+            row["error"] = trial.user_attrs["error"]
+        rows.append(row)
+    return rows
+
+
+def _broadcast(state, value: Any) -> Any:
+    """The main process's `value`, on every process (under `accelerate launch`); `value` itself otherwise."""
+    if state.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value], from_process=0)[0]
+
+
+def _jsonable(parameters, names) -> Any:
+    """The written parameters as JSON: a dict, or per tensor name when they vary by layer group."""
+    if not callable(parameters):
+        return parameters
+    return {name: parameters(name) for name in names}
