@@ -49,8 +49,8 @@ FLOAT_DTYPES = {torch.float64, torch.float32, torch.float16, torch.bfloat16, tor
 PICKLE_HINT = (
     "pickle files can run arbitrary code when loaded, so hf_soup reads safetensors only. Convert once with "
     "`python -c \"from transformers import AutoModel; AutoModel.from_pretrained('{folder}')"
-    ".save_pretrained('{folder}-safetensors')\"` (AutoModelFor... of your task), or opt in with allow_pickle=True "
-    "(CLI: --allow-pickle; loaded with torch.load(weights_only=True))"
+    ".save_pretrained('{folder}-safetensors')\"` (AutoModelFor... of your task), or opt in with `allow_pickle: true` "
+    "in the recipe (allow_pickle=True in Python; loaded with torch.load(weights_only=True))"
 )
 
 
@@ -75,19 +75,22 @@ def parse_size(value: int | str) -> int:
     """`"5GB"`, `"500MiB"`, `1_000_000` → bytes (the `max_shard_size` convention of transformers)."""
     if isinstance(value, bool):
         raise SoupError(f"size must be an integer number of bytes or a string like '5GB', not {value!r}")
+    how = "write bytes as an integer or like '500MB', '5GB', '2GiB'"
     if isinstance(value, int):
         if value <= 0:
-            raise SoupError(f"size must be positive, got {value}")
+            raise SoupError(f"size must be positive, got {value}; {how}")
         return value
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", str(value), flags=re.IGNORECASE)
     if not match:
-        raise SoupError(f"cannot read size {value!r}; write bytes as an integer or like '500MB', '5GB', '2GiB'")
-    number, unit = float(match.group(1)), (match.group(2) or "B").upper()
+        raise SoupError(f"cannot read size {str(value)[:40]!r}; {how}")
+    unit = (match.group(2) or "B").upper()
     base = 1024 if "I" in unit else 1000
-    power = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit[0]]
-    size = int(number * base**power)
+    exact = float(match.group(1)) * base ** {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit[0]]
+    if not math.isfinite(exact):
+        raise SoupError(f"cannot read size {str(value)[:40]!r} (too large); {how}")
+    size = int(exact)
     if size <= 0:
-        raise SoupError(f"size must be positive, got {value!r}")
+        raise SoupError(f"size must be positive, got {value!r}; {how}")
     return size
 
 
@@ -121,12 +124,20 @@ def weight_files(folder: str | os.PathLike, *, allow_pickle: bool = False) -> li
 
 
 def _read_index(index: Path) -> dict[str, str]:
+    fix = "re-save the checkpoint (save_pretrained) or copy its index again"
     try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise SoupError(f"cannot read shard index {index} ({error}); it must be JSON with a 'weight_map'") from None
+        data = json.loads(index.read_text())
+    except (OSError, ValueError) as error:
+        raise SoupError(f"shard index {index} is not valid JSON ({error}); {fix}") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
-        raise SoupError(f"shard index {index} has an empty or malformed 'weight_map'; re-save the checkpoint")
+        raise SoupError(f"shard index {index} has no 'weight_map' of tensor names to shard files; {fix}")
+    wrong = next(((k, v) for k, v in weight_map.items() if not isinstance(v, str) or not v), None)
+    if wrong is not None:
+        raise SoupError(
+            f"shard index {index} maps tensor {wrong[0]} to {str(wrong[1])[:60]!r}, not a shard file name in its "
+            f"'weight_map'; {fix}"
+        )
     return weight_map
 
 
@@ -173,6 +184,15 @@ def _data_spans(path: Path) -> dict[str, tuple[int, int]]:
     }
 
 
+def _unpickling(error: Exception) -> str:
+    """The line of a `torch.load(weights_only=True)` error that says what was refused (not its general advice)."""
+    advice = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    specific = [line for line in lines if not line.startswith(advice)]
+    reason = (specific or lines or [type(error).__name__])[0].removeprefix("WeightsUnpickler error:").strip()
+    return reason[:160]
+
+
 class CheckpointReader:
     """Lazy per-tensor access to a checkpoint folder (single file or sharded; safetensors, or pickle on opt-in).
 
@@ -190,6 +210,8 @@ class CheckpointReader:
     def __init__(self, folder: str | os.PathLike, *, allow_pickle: bool = False, label: str | None = None):
         self.folder = Path(folder)
         self.label = label or str(self.folder)
+        if not self.folder.is_dir():
+            raise SoupError(f"{self.label}: {self.folder} does not exist or is not a folder; check the path")
         self.files = weight_files(self.folder, allow_pickle=allow_pickle)
         self._handles: dict[Path, object] = {}
         self._files: dict[Path, object] = {}  # safetensors files opened for `get`, on first use
@@ -235,10 +257,15 @@ class CheckpointReader:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as error:  # noqa: BLE001 - torch raises many types for bad pickles
             raise SoupError(
-                f"ingredient {self.label}: cannot load {path.name} with weights_only=True ({error})"
+                f"ingredient {self.label}: cannot load {path.name} with weights_only=True ({_unpickling(error)}); it "
+                "is damaged or not a state dict of tensors (objects or code are never unpickled): save the weights "
+                "again as safetensors from a copy you trust"
             ) from None
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise SoupError(f"ingredient {self.label}: {path.name} is not a state dict of tensors")
+            raise SoupError(
+                f"ingredient {self.label}: {path.name} is not a state dict of tensors; save the model's state_dict "
+                "(or better, save_pretrained as safetensors)"
+            )
         self._pickled[path] = state
         for name, tensor in state.items():
             self._where[name] = path

@@ -123,7 +123,7 @@ def test_missing_shard_and_bad_index(tmp_path):
     with pytest.raises(SoupError, match=f"maps tensor {name}"):
         CheckpointReader(folder)
     (folder / "model.safetensors.index.json").write_text("{not json")
-    with pytest.raises(SoupError, match="cannot read shard index"):
+    with pytest.raises(SoupError, match="shard index .* is not valid JSON"):
         weight_files(folder)
 
 
