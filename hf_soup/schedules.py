@@ -37,6 +37,8 @@ def _numbers(value: Any, where: str) -> list[float]:
         raise SoupError(
             f"{where} must be a number or a non-empty list of numbers (a gradient over depth), got {value!r}"
         )
+    if not all(abs(v) < 1e300 for v in values):  # NaN, ±inf and integers a float cannot hold
+        raise SoupError(f"{where} must hold finite numbers, got {value!r:.80}")
     return [float(v) for v in values]
 
 

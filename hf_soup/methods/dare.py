@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
-from functools import partial
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
+from ..errors import SoupError
 from .registry import register_method
 from .sparsify import disjoint_mean, drop_and_rescale, elect_sign, task_vectors, weights_or_ones
 from .weighted import check_optional_weights
 
 
-@register_method("dare", check=partial(check_optional_weights, allow_negative=True))
+def check_dare(parameters: dict[str, Any], count: int) -> dict[str, Any]:
+    """`drop_rate` in [0, 1) and optional weights, checked before any tensor is read."""
+    if not 0.0 <= parameters["drop_rate"] < 1.0:
+        raise SoupError(
+            f"dare: drop_rate must be in [0, 1), got {parameters['drop_rate']}; it is the probability of dropping a "
+            "task-vector entry (0.5 to 0.9 are usual)"
+        )
+    return check_optional_weights(parameters, count, allow_negative=True)
+
+
+@register_method("dare", check=check_dare)
 def dare(
     tensors: list[torch.Tensor],
     *,

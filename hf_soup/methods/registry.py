@@ -10,6 +10,7 @@ optional. Recipes are checked against this declaration before any tensor is read
 from __future__ import annotations
 
 import inspect
+import math
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -185,7 +186,10 @@ def _check_type(method: str, name: str, value: Any, annotation: Any) -> Any:
     if annotation is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise SoupError(f"method {method!r}: {name} must be a number, got {type(value).__name__} {value!r}")
-        return float(value)
+        number = float(value) if abs(value) < 1e300 else math.inf  # int → float overflows past ~1e308
+        if not math.isfinite(number):
+            raise SoupError(f"method {method!r}: {name} must be a finite number, got {value!r:.60}")
+        return number
     if annotation is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise SoupError(f"method {method!r}: {name} must be an integer, got {type(value).__name__} {value!r}")

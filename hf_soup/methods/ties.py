@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
-from functools import partial
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
+from ..errors import SoupError
 from .registry import register_method
 from .sparsify import disjoint_mean, elect_sign, keep_largest, task_vectors, weights_or_ones
 from .weighted import check_optional_weights
 
 
-@register_method("ties", check=partial(check_optional_weights, allow_negative=False))
+def check_ties(parameters: dict[str, Any], count: int) -> dict[str, Any]:
+    """`density` in (0, 1] and optional non-negative weights, checked before any tensor is read."""
+    if not 0.0 < parameters["density"] <= 1.0:
+        raise SoupError(
+            f"ties: density must be in (0, 1], got {parameters['density']}; it is the fraction of entries kept per "
+            "task vector (0.2 to 0.5 are usual)"
+        )
+    return check_optional_weights(parameters, count, allow_negative=False)
+
+
+@register_method("ties", check=check_ties)
 def ties(
     tensors: list[torch.Tensor],
     *,
