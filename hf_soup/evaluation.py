@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import SoupError
+from .errors import SoupError, did_you_mean
 from .scoring import Scorer
 from .tasks import TASKS
 
@@ -46,6 +46,9 @@ EVALUATION_KEYS = {
     "reuse_recorded_scores": "use pantry scores measured on the selection split (default true)",
 }
 COMPARABLE = ("uniform", "greedy", "learned", "ensemble")
+# Keys whose `null` in YAML means "not given" (the default); the others must hold a value of their kind.
+NULLABLE = {"metric", "greater_is_better", "metric_key", "max_length", "preprocess", "device_map", "max_memory"}
+NULLABLE |= {"offload_folder"}
 
 
 def _import(spec: str | Callable, what: str) -> Callable:
@@ -86,16 +89,24 @@ class Evaluation:
     def from_mapping(cls, data: Any, *, base_dir: Path, source: str) -> Evaluation:
         where = f"{source}: evaluation"
         if not isinstance(data, Mapping):
-            raise SoupError(f"{where} must be a mapping (task, dataset, selection_split, ...)")
-        unknown = sorted(set(data) - set(EVALUATION_KEYS) - {"splits"})
+            raise SoupError(
+                f"{where} must be a mapping (task, dataset, selection_split, ...), got {type(data).__name__}"
+            )
+        unknown = [key for key in data if key not in EVALUATION_KEYS and key != "splits"]
         if unknown:
-            raise SoupError(f"{where}: unknown key {unknown[0]!r}; valid keys: {', '.join(EVALUATION_KEYS)}")
+            raise SoupError(
+                f"{where}: unknown key {str(unknown[0])[:60]!r}{did_you_mean(unknown[0], EVALUATION_KEYS)}; valid "
+                f"keys: {', '.join(EVALUATION_KEYS)}"
+            )
         if "selection_split" not in data:
             raise SoupError(f"{where} needs selection_split: the held-out split the soup is chosen on")
         kinds = {
             "task": str,
             "selection_split": str,
             "report_splits": list,
+            "metric": (str, Callable),
+            "preprocess": (str, Callable),
+            "device_map": (str, int, Mapping),
             "greater_is_better": bool,
             "metric_key": str,
             "columns": Mapping,
@@ -108,20 +119,42 @@ class Evaluation:
             "dataset": Mapping,
         }
         for key, kind in kinds.items():
-            value = data.get(key)
-            if value is not None and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
-                raise SoupError(f"{where}.{key} must be a {kind.__name__}, got {value!r} ({EVALUATION_KEYS[key]})")
+            if key not in data or (data[key] is None and key in NULLABLE):
+                continue
+            value = data[key]
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+                got = "null (an empty value)" if value is None else f"{type(value).__name__} {str(value)[:60]!r}"
+                raise SoupError(f"{where}.{key} must be a {names}, got {got} ({EVALUATION_KEYS[key]})")
         if data.get("task", "sequence-classification") not in TASKS:
             raise SoupError(f"{where}.task {data['task']!r} is unknown; tasks: {', '.join(TASKS)}")
         if ("dataset" in data) == ("splits" in data):
             raise SoupError(
                 f"{where} needs `dataset:` (how to load the data), e.g. {{path: csv, data_files: {{...}}}}"
             )
+        splits = data.get("splits")
+        if "splits" in data and (
+            not isinstance(splits, Mapping) or not all(hasattr(s, "column_names") for s in splits.values())
+        ):
+            raise SoupError(
+                f"{where}.splits must map split names to datasets.Dataset objects (Python API); in a recipe file "
+                "use `dataset:` instead"
+            )
+        if "load_from_disk" in data.get("dataset", {}) and not isinstance(data["dataset"]["load_from_disk"], str):
+            raise SoupError(f"{where}.dataset.load_from_disk must be a folder path (string)")
         for name in data.get("compare", []):
             if name not in COMPARABLE:
-                raise SoupError(f"{where}.compare: unknown row {name!r}; choose from {', '.join(COMPARABLE)}")
-        if data.get("batch_size", 32) < 1:
-            raise SoupError(f"{where}.batch_size must be ≥ 1")
+                raise SoupError(
+                    f"{where}.compare: unknown row {str(name)[:60]!r}; choose from {', '.join(COMPARABLE)}"
+                )
+        for key in ("report_splits", "compare"):
+            if not all(isinstance(item, str) for item in data.get(key, [])):
+                raise SoupError(f"{where}.{key} must be a list of names (strings), got {str(data[key])[:60]!r}")
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in data.get("columns", {}).items()):
+            raise SoupError(f"{where}.columns must map text, text_pair, label to column names (strings)")
+        for key in ("batch_size", "max_length"):
+            if data.get(key) is not None and data[key] < 1:
+                raise SoupError(f"{where}.{key} must be ≥ 1, got {data[key]}")
         dataset = dict(data["dataset"]) if data.get("dataset") is not None else None
         if dataset is not None:
             dataset = _resolve_files(dataset, base_dir)
@@ -143,16 +176,38 @@ class Evaluation:
         if self.splits is not None:
             loaded = dict(self.splits)
         elif "load_from_disk" in self.dataset:
-            loaded = dict(datasets.load_from_disk(self.dataset["load_from_disk"]))
+            folder = self.dataset["load_from_disk"]
+            try:
+                found = datasets.load_from_disk(folder)
+            except Exception as error:  # noqa: BLE001 - datasets raises many kinds for a bad folder
+                reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+                raise SoupError(
+                    f"evaluation.dataset load_from_disk {folder} could not be loaded ({reason}); give a folder "
+                    "written by DatasetDict.save_to_disk"
+                ) from None
+            if not isinstance(found, datasets.DatasetDict):  # a single Dataset: its one split has no name
+                raise SoupError(
+                    f"evaluation.dataset load_from_disk {folder} holds one Dataset, not a DatasetDict of named "
+                    "splits; save DatasetDict({'validation': ..., 'test': ...}) instead"
+                )
+            loaded = dict(found)
         else:
             try:
                 loaded = dict(datasets.load_dataset(**self.dataset))
             except Exception as error:  # noqa: BLE001 - datasets raises many kinds for bad specs
-                raise SoupError(f"evaluation.dataset {self.dataset} could not be loaded: {error}") from None
+                reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+                raise SoupError(
+                    f"evaluation.dataset {self.dataset} could not be loaded ({reason}); give the arguments of "
+                    "datasets.load_dataset, e.g. {path: csv, data_files: {validation: val.csv}}"
+                ) from None
         wanted = [self.selection_split, *[s for s in self.report_splits if s != self.selection_split]]
         for split in wanted:
             if split not in loaded:
-                raise SoupError(f"evaluation split {split!r} does not exist; the dataset has: {', '.join(loaded)}")
+                key = "selection_split" if split == self.selection_split else "report_splits"
+                raise SoupError(
+                    f"evaluation split {split!r} does not exist; the dataset has: {', '.join(loaded)}; set "
+                    f"evaluation.{key} to splits it has"
+                )
         return {split: loaded[split] for split in wanted}
 
     def placement(self) -> dict[str, Any]:

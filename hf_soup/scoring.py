@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import SoupError
+from .errors import SoupError, did_you_mean
 from .tasks import Task, collate, get_task, preprocess_split
 
 Batches = list[tuple[torch.Tensor, torch.Tensor]]  # (logits, labels) per batch, on the CPU, in split order
@@ -156,9 +156,10 @@ def _evaluate_metric(name: str, task: Task, greater_is_better: bool | None, key:
     except Exception as error:  # noqa: BLE001 - evaluate raises many kinds of errors when offline or missing
         local = " (a local path)" if Path(name).exists() else ""
         raise SoupError(
-            f"cannot load evaluate metric {name!r}{local}: {str(error).splitlines()[0][:200]}; offline, use a built-in"
-            f" metric ({', '.join(BUILTIN_METRICS)}), an evaluate module folder or script by local path, or a "
-            "compute_metrics callable"
+            f"cannot load evaluate metric {name!r}{local}{did_you_mean(name, BUILTIN_METRICS)}: "
+            f"{(str(error).strip().splitlines() or [type(error).__name__])[0][:200]}; offline, use a built-in metric "
+            f"({', '.join(BUILTIN_METRICS)}), an evaluate module folder or script by local path, or a compute_metrics "
+            "callable"
         ) from None
     if greater_is_better is None:
         raise SoupError(f"evaluate metric {name!r}: say greater_is_better: true or false")
