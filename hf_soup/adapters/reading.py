@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import CheckpointReader
+from ..checkpoint import FLOAT_DTYPES, CheckpointReader
 from ..errors import SoupError
 from ..pantry import config_hash
 
@@ -210,10 +210,26 @@ def read_adapter(folder: str | os.PathLike, label: str | None = None, *, allow_p
     check_soupable(config, label)
     reader = CheckpointReader(folder, allow_pickle=allow_pickle, label=label)
     try:
+        _check_finite(reader, label)
         return _index(Adapter(label, folder, config, reader))
     except BaseException:
         reader.close()
         raise
+
+
+def _check_finite(reader: CheckpointReader, label: str) -> None:
+    """No NaN or Inf in any floating tensor: a soup of a diverged adapter would be silently wrong. Adapters are
+    small beside their base, so one pass over each before anything is written costs little."""
+    import torch
+
+    for name in reader.names():
+        if reader.info(name).dtype not in FLOAT_DTYPES:
+            continue
+        tensor = reader.get(name)
+        if tensor.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            tensor = tensor.float()
+        if tensor.numel() and not all(map(torch.isfinite, torch.aminmax(tensor))):
+            raise SoupError(f"ingredient {label}: tensor {name} holds NaN or Inf; that run diverged, leave it out")
 
 
 def _index(adapter: Adapter) -> Adapter:
