@@ -125,6 +125,25 @@ def state_dict_of(folder: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def edit_weights(folder: Path, change) -> Path:
+    """Rewrite a single-file folder's `model.safetensors` after `change(tensors)` has edited the dict in place."""
+    from safetensors.torch import save_file
+
+    tensors = state_dict_of(folder)
+    change(tensors)
+    save_file(tensors, str(Path(folder) / "model.safetensors"), metadata={"format": "pt"})
+    return folder
+
+
+def edit_config(folder: Path, **changes) -> Path:
+    """Set keys of a folder's `config.json`."""
+    import json
+
+    path = Path(folder) / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+    return folder
+
+
 def make_split(count, seed, *, shift=False):
     """Label = whether the first token is in the upper half of the vocabulary (the task the model learns).
 

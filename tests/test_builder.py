@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_model, save_model, state_dict_of
+from conftest import edit_config, edit_weights, make_model, save_model, state_dict_of
 from safetensors.torch import save_file
 
 from hf_soup import Pantry, SoupBuilder, SoupError
@@ -164,9 +164,7 @@ def test_non_float_tensors_copied_and_checked(tmp_path):
 
 
 def _nan(folder):
-    state = state_dict_of(folder)
-    state["model.norm.weight"][3] = float("nan")
-    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    edit_weights(folder, lambda state: state["model.norm.weight"].index_fill_(0, torch.tensor([3]), torch.nan))
 
 
 def _truncate(folder):
@@ -175,15 +173,11 @@ def _truncate(folder):
 
 
 def _drop_tensor(folder):
-    state = state_dict_of(folder)
-    del state["model.norm.weight"]
-    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    edit_weights(folder, lambda state: state.pop("model.norm.weight"))
 
 
 def _add_tensor(folder):
-    state = state_dict_of(folder)
-    state["extra.bias"] = torch.zeros(2)
-    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    edit_weights(folder, lambda state: state.update({"extra.bias": torch.zeros(2)}))
 
 
 def _other_vocab(folder):
@@ -191,15 +185,11 @@ def _other_vocab(folder):
 
 
 def _other_type(folder):
-    config = json.loads((folder / "config.json").read_text())
-    config["model_type"] = "mistral"
-    (folder / "config.json").write_text(json.dumps(config))
+    edit_config(folder, model_type="mistral")
 
 
 def _remote_code(folder):
-    config = json.loads((folder / "config.json").read_text())
-    config["auto_map"] = {"AutoModel": "modeling_evil.EvilModel"}
-    (folder / "config.json").write_text(json.dumps(config))
+    edit_config(folder, auto_map={"AutoModel": "modeling_evil.EvilModel"})
 
 
 @pytest.mark.parametrize(
