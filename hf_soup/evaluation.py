@@ -84,9 +84,10 @@ class Evaluation:
     max_memory: dict[Any, Any] | None = None
     offload_folder: str | None = None
     reuse_recorded_scores: bool = True
+    trust_remote_code: bool = False  # the recipe's top-level key: an evaluate metric from the Hub runs its code
 
     @classmethod
-    def from_mapping(cls, data: Any, *, base_dir: Path, source: str) -> Evaluation:
+    def from_mapping(cls, data: Any, *, base_dir: Path, source: str, trust_remote_code: bool = False) -> Evaluation:
         where = f"{source}: evaluation"
         if not isinstance(data, Mapping):
             raise SoupError(
@@ -167,6 +168,7 @@ class Evaluation:
             )
         values = {k: v for k, v in data.items() if k in EVALUATION_KEYS or k == "splits"}
         values.update(dataset=dataset, report_splits=report, columns=dict(data.get("columns", {})))
+        values["trust_remote_code"] = trust_remote_code
         return cls(**values)
 
     def load_splits(self) -> dict[str, Any]:
@@ -227,6 +229,7 @@ class Evaluation:
             max_length=self.max_length,
             preprocess=_import(self.preprocess, "preprocess") if self.preprocess else None,
             batch_size=self.batch_size,
+            trust_remote_code=self.trust_remote_code,
         )
 
 

@@ -168,6 +168,7 @@ class Recipe:
                 f"{source}: adapter_output: svd goes with `rank:`, the rank of the compressed adapter (a positive "
                 f"integer); got adapter_output {adapter_output!r}, rank {rank!r}"
             )
+        trust_remote_code = bool(_typed(data, "trust_remote_code", bool, source))
         recipe = cls(
             method=method.name,
             ingredients=[(base / item).absolute() for item in ingredients or []],
@@ -180,10 +181,12 @@ class Recipe:
             max_shard_size=max_shard_size,
             seed=0 if seed is None else seed,
             allow_pickle=bool(_typed(data, "allow_pickle", bool, source)),
-            trust_remote_code=bool(_typed(data, "trust_remote_code", bool, source)),
+            trust_remote_code=trust_remote_code,
             evaluation=None
             if data.get("evaluation") is None
-            else Evaluation.from_mapping(data["evaluation"], base_dir=base, source=source),
+            else Evaluation.from_mapping(
+                data["evaluation"], base_dir=base, source=source, trust_remote_code=trust_remote_code
+            ),
             adapter_output=adapter_output,
             rank=rank,
             source=source,
@@ -196,9 +199,7 @@ class Recipe:
             )
         written = method.written_method(parameters) if method.kind == "strategy" else method.name
         if written is not None and get_method(written).needs_base and recipe.base_model is None:
-            raise SoupError(
-                f"{source}: method {written!r} needs `base_model:` (the folder fine-tuning started from)"
-            )
+            raise SoupError(f"{source}: method {written!r} needs `base_model:` (the folder fine-tuning started from)")
         return recipe
 
 

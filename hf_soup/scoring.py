@@ -94,9 +94,11 @@ def make_metric(
     task: Task,
     greater_is_better: bool | None = None,
     key: str | None = None,
+    trust_remote_code: bool = False,
 ) -> Metric:
-    """A `Metric` from a built-in name, an `evaluate` module (local path, or name when the Hub is reachable),
-    a Trainer-style `compute_metrics(EvalPrediction) -> dict` callable, or `"module:function"` naming one."""
+    """A `Metric` from a built-in name, an `evaluate` module (local path; a Hub name only with `trust_remote_code`,
+    as its Python code is downloaded and run), a Trainer-style `compute_metrics(EvalPrediction) -> dict` callable,
+    or `"module:function"` naming one."""
     metric = metric or task.default_metric
     if isinstance(metric, str) and metric in BUILTIN_METRICS:
         function, direction = BUILTIN_METRICS[metric]
@@ -105,13 +107,13 @@ def make_metric(
         module_name, _, attribute = metric.partition(":")
         try:
             metric = getattr(importlib.import_module(module_name), attribute)
-        except (ImportError, AttributeError) as error:
+        except (ImportError, AttributeError, ValueError, TypeError) as error:
             raise SoupError(
                 f"cannot import compute_metrics {metric!r} ({error}); write it as 'module:function'"
             ) from None
     if callable(metric):
         return _callable_metric(metric, task, greater_is_better, key)
-    return _evaluate_metric(str(metric), task, greater_is_better, key)
+    return _evaluate_metric(str(metric), task, greater_is_better, key, trust_remote_code)
 
 
 def _pick(values: Mapping[str, Any], key: str | None, where: str) -> float:
@@ -148,7 +150,15 @@ def _padded(batches: Batches) -> tuple[torch.Tensor, torch.Tensor]:
     return logits, labels
 
 
-def _evaluate_metric(name: str, task: Task, greater_is_better: bool | None, key: str | None) -> Metric:
+def _evaluate_metric(
+    name: str, task: Task, greater_is_better: bool | None, key: str | None, trust_remote_code: bool
+) -> Metric:
+    if not os.path.exists(name) and not trust_remote_code:
+        raise SoupError(
+            f"metric {name!r}{did_you_mean(name, BUILTIN_METRICS)} is not built in ({', '.join(BUILTIN_METRICS)}) "
+            "nor a local evaluate module; an evaluate module from the Hub runs downloaded Python code, so hf_soup "
+            "loads one only with trust_remote_code: true in the recipe; or give a compute_metrics 'module:function'"
+        )
     import evaluate
 
     try:
@@ -185,6 +195,8 @@ class Scorer:
         tokenizer, columns, max_length, preprocess: see `hf_soup.tasks.preprocess_split`.
         collator (`Callable`, *optional*): `list[example] -> batch`; defaults to padding by the task.
         batch_size (`int`, *optional*, defaults to 32).
+        trust_remote_code (`bool`, *optional*, defaults to `False`): allow an `evaluate` metric from the Hub (its
+            downloaded Python code runs).
 
     Example:
 
@@ -209,13 +221,20 @@ class Scorer:
         preprocess: Callable | None = None,
         collator: Callable | None = None,
         batch_size: int = 32,
+        trust_remote_code: bool = False,
     ):
         if not splits:
             raise SoupError("a scorer needs at least one split")
         if batch_size < 1:
             raise SoupError(f"batch_size must be ≥ 1, got {batch_size}")
         self.task = get_task(task)
-        self.metric = make_metric(metric, task=self.task, greater_is_better=greater_is_better, key=metric_key)
+        self.metric = make_metric(
+            metric,
+            task=self.task,
+            greater_is_better=greater_is_better,
+            key=metric_key,
+            trust_remote_code=trust_remote_code,
+        )
         self.batch_size = batch_size
         self.collator = collator or collate(self.task, tokenizer)
         self.splits = {

@@ -168,7 +168,7 @@ def test_evaluation_errors(ingredients, splits, tmp_path):
     bad = {k: v.rename_column("label", "y") for k, v in splits.items()}
     with pytest.raises(SoupError, match="no label column 'label'"):
         SoupBuilder(ingredients, method="greedy", evaluation=evaluation(bad)).cook(tmp_path / "soup", progress=False)
-    with pytest.raises(SoupError, match="cannot load evaluate metric 'no_such_metric'"):
+    with pytest.raises(SoupError, match="metric 'no_such_metric' is not built in"):
         SoupBuilder(ingredients, method="greedy", evaluation=evaluation(splits, metric="no_such_metric")).cook(
             tmp_path / "soup", progress=False
         )
