@@ -32,9 +32,10 @@ class Plan:
         return max((info.nbytes for info in self.infos), default=0)
 
 
-def read_config(folder: Path) -> dict | None:
-    """`config.json` of a model folder as a dict (`None` when absent); bad JSON is a clear error."""
-    path = folder / "config.json"
+def read_config(folder: Path, name: str = "config.json") -> dict | None:
+    """`config.json` (or another JSON file) of a model folder as a dict (`None` when absent); bad JSON is a clear
+    error."""
+    path = folder / name
     if not path.is_file():
         return None
     try:
@@ -47,17 +48,20 @@ def read_config(folder: Path) -> dict | None:
 
 
 def check_configs(folders: Sequence[Path], labels: Sequence[str], *, trust_remote_code: bool = False) -> None:
-    """Same `model_type` and `architectures` everywhere; remote-code configs only on opt-in."""
+    """Same `model_type` and `architectures` everywhere; remote-code configs (model or tokenizer) only on opt-in."""
     configs = [read_config(folder) for folder in folders]
     first = next(((label, c) for label, c in zip(labels, configs) if c is not None), None)
-    for label, config in zip(labels, configs):
+    for label, config, folder in zip(labels, configs, folders):
+        if not trust_remote_code:
+            tokenizer = read_config(folder, "tokenizer_config.json")
+            for name, found in (("config.json", config), ("tokenizer_config.json", tokenizer)):
+                if found is not None and found.get("auto_map"):
+                    raise SoupError(
+                        f"ingredient {label}: {name} has auto_map (custom code from the model repo); hf_soup runs "
+                        "no remote code unless you opt in with trust_remote_code: true"
+                    )
         if config is None:
             continue
-        if config.get("auto_map") and not trust_remote_code:
-            raise SoupError(
-                f"ingredient {label}: config.json has auto_map (custom code from the model repo); hf_soup runs no "
-                "remote code unless you opt in with trust_remote_code: true"
-            )
         if first is None:
             continue
         for key in ("model_type", "architectures"):
