@@ -144,6 +144,16 @@ def edit_config(folder: Path, **changes) -> Path:
     return folder
 
 
+class Payload:
+    """A pickle that makes the folder `path` when it is unpickled (the stand-in for any code a pickle can run)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.mkdir, (str(self.path),)
+
+
 def make_split(count, seed, *, shift=False):
     """Label = whether the first token is in the upper half of the vocabulary (the task the model learns).
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import edit_config, edit_weights, make_model, make_split, save_model, state_dict_of
+from conftest import Payload, edit_config, edit_weights, make_model, make_split, save_model, state_dict_of
 from safetensors.torch import load_file, save_file
 
 from hf_soup import Pantry
@@ -292,16 +292,6 @@ def pickle_without_opt_in(b: Bench):
     return recipe(b.take("run0"), "run1")
 
 
-class Payload:
-    """A pickle that makes a folder when it is unpickled (the stand-in for any code a pickle can run)."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def __reduce__(self):
-        return os.mkdir, (str(self.path),)
-
-
 @case("ingredient run1: cannot load pytorch_model.bin with weights_only=True", "GLOBAL posix.mkdir", "never unpickled")
 def malicious_pickle_with_opt_in(b: Bench):
     folder = b.root / b.take("run1")
@@ -310,6 +300,14 @@ def malicious_pickle_with_opt_in(b: Bench):
     )
     (folder / "model.safetensors").unlink()
     return recipe(b.take("run0"), "run1", allow_pickle=True)  # the payload would add the folder `pwned`
+
+
+@case("ingredient run0", "tokenizer_config.json has auto_map", "trust_remote_code: true")
+def remote_code_tokenizer_without_opt_in(b: Bench):
+    (b.root / b.take("run0") / "tokenizer_config.json").write_text(
+        json.dumps({"auto_map": {"AutoTokenizer": ["x.T", None]}})
+    )
+    return recipe("run0", b.take("run1"))
 
 
 # -- the recipe file -----------------------------------------------------------------------------------------------
@@ -583,7 +581,7 @@ def evaluation_report_split_does_not_exist(b: Bench):
     return greedy(b, report_splits=["test", "shift"])
 
 
-@case("cannot load evaluate metric 'acuracy' (did you mean 'accuracy'?)", "use a built-in metric")
+@case("metric 'acuracy' (did you mean 'accuracy'?) is not built in", "trust_remote_code: true")
 def metric_does_not_exist(b: Bench):
     return greedy(b, metric="acuracy")
 
