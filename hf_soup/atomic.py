@@ -93,8 +93,9 @@ def disk_full_error(path: str | os.PathLike, error: OSError, remedy: str, *, wha
 
     `what` says what was being done (default: `writing <file name>`); `remedy` what the user can do.
     """
-    if isinstance(error.filename, (str, bytes, os.PathLike)):
-        path = os.fsdecode(error.filename)
+    named = error.filename2 or error.filename  # a copy names source and destination: the destination is written
+    if isinstance(named, (str, bytes, os.PathLike)):
+        path = os.fsdecode(named)
     what = what or f"writing {Path(path).name}"
     where = _shown(Path(path).parent)
     try:

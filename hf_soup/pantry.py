@@ -35,7 +35,6 @@ from typing import Any
 from filelock import FileLock
 
 from .atomic import DISK_FULL, disk_full_error, fsync_folder, owner_tag, sha256_file, write_json
-from .checkpoint import weight_files
 from .errors import SoupError
 
 FORMAT = 1
@@ -350,6 +349,8 @@ class Pantry:
         Returns:
             The recorded `Ingredient`.
         """
+        from .checkpoint import weight_files  # here: reading a pantry (`hf-soup pantry list`) needs no torch
+
         if link not in ("auto", "copy", "hardlink"):
             raise SoupError(f"link must be 'auto', 'copy' or 'hardlink', got {link!r}")
         source = Path(source).absolute()
