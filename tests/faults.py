@@ -277,6 +277,20 @@ def add_forever(root: str, source: str, log: str, ready: str) -> None:
             previous = ingredient.id
 
 
+def add_many(root: str, source: str, worker: int, count: int, start: str) -> None:
+    """One of several writers (tests/test_load.py): wait for the common start (a file), then add `count` entries."""
+    import hf_soup.checkpoint  # noqa: F401 - torch, imported before the start
+    from hf_soup.pantry import Pantry
+
+    pantry = Pantry(root)
+    while not os.path.exists(start):
+        time.sleep(0.001)
+    for step in range(count):
+        pantry.add(source, run=f"w{worker}", step=step, link="copy")
+
+
+ADD_MANY = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); from faults import add_many; "
+ADD_MANY += "add_many(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])"
 ADD_CHILD = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); from faults import add_forever; "
 ADD_CHILD += "add_forever(*sys.argv[1:])"
 

@@ -1,6 +1,5 @@
 import hashlib
 import json
-import multiprocessing
 import os
 import subprocess
 
@@ -278,27 +277,6 @@ def test_ledger_fields_are_checked(tmp_path, run_folder, field, value, message):
     with pytest.raises(SoupError, match=message) as caught:
         pantry.list()
     assert "\n" not in str(caught.value)
-
-
-def _add_many(root, source, count, worker):
-    pantry = Pantry(root)
-    for i in range(count):
-        pantry.add(source, run=f"w{worker}", step=i)
-
-
-def test_concurrent_writers_lose_nothing(tmp_path, run_folder):
-    context = multiprocessing.get_context("spawn")
-    processes = [
-        context.Process(target=_add_many, args=(tmp_path / "pantry", run_folder, 5, worker)) for worker in range(4)
-    ]
-    for process in processes:
-        process.start()
-    for process in processes:
-        process.join(120)
-        assert process.exitcode == 0
-    ingredients = Pantry(tmp_path / "pantry").list()
-    assert sorted(i.id for i in ingredients) == sorted(f"w{w}-{i}" for w in range(4) for i in range(5))
-    assert len(os.listdir(tmp_path / "pantry" / "ingredients")) == 20
 
 
 def test_loose_ingredient(run_folder):
