@@ -38,7 +38,8 @@ RECIPE_KEYS = {
     "max_shard_size": "largest weight file, e.g. '5GB' (default 5GB)",
     "seed": "seed of the methods that draw random numbers (default 0)",
     "allow_pickle": "read pickle (.bin) ingredients with torch.load(weights_only=True) (default false)",
-    "trust_remote_code": "accept configs with custom code (auto_map) (default false)",
+    "trust_remote_code": "accept custom code: auto_map in config or tokenizer, evaluate metrics from the Hub (default "
+    "false)",
     "evaluation": "data, metric and splits that strategies (greedy, learned) score on",
     "adapter_output": "for LoRA adapter ingredients: concat (exact, default), svd (with rank), merged, naive",
     "rank": "rank of the SVD-compressed adapter (adapter_output: svd)",

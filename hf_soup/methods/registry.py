@@ -194,7 +194,7 @@ def _check_type(method: str, name: str, value: Any, annotation: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise SoupError(f"method {method!r}: {name} must be an integer, got {type(value).__name__} {value!r}")
         return value
-    if annotation in (bool, str) and not isinstance(value, annotation):
+    if annotation in (bool, str, list, dict) and not isinstance(value, annotation):
         raise SoupError(
             f"method {method!r}: {name} must be a {annotation.__name__}, got {type(value).__name__} {value!r}"
         )
