@@ -510,6 +510,11 @@ def density_not_a_number(b: Bench):
     return recipe(b.take("run0"), b.take("run1"), method="ties", base_model=b.take("base"), density="half")
 
 
+@case("method 'passthrough': slices must be a list", "got int 1")
+def passthrough_slices_not_a_list(b: Bench):
+    return recipe(b.take("run0"), b.take("run1"), method="passthrough", slices=1)
+
+
 @case("recipe.yaml", "method 'ties' needs `base_model:`")
 def ties_without_base_model(b: Bench):
     return recipe(b.take("run0"), b.take("run1"), method="ties", density=0.5)
