@@ -9,6 +9,11 @@ class SoupError(ValueError):
     """
 
 
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """The first line of a library's error message (cut to `limit` characters), to quote inside a one-line message."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:limit]
+
+
 def did_you_mean(word: object, choices) -> str:
     """`" (did you mean 'x'?)"` when `word` is a string close to one of `choices` (a typo), else `""`."""
     import difflib

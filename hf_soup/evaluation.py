@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import SoupError, did_you_mean
+from .errors import SoupError, did_you_mean, first_line
 from .scoring import Scorer
 from .tasks import TASKS
 
@@ -47,8 +47,16 @@ EVALUATION_KEYS = {
 }
 COMPARABLE = ("uniform", "greedy", "learned", "ensemble")
 # Keys whose `null` in YAML means "not given" (the default); the others must hold a value of their kind.
-NULLABLE = {"metric", "greater_is_better", "metric_key", "max_length", "preprocess", "device_map", "max_memory"}
-NULLABLE |= {"offload_folder"}
+NULLABLE = {
+    "metric",
+    "greater_is_better",
+    "metric_key",
+    "max_length",
+    "preprocess",
+    "device_map",
+    "max_memory",
+    "offload_folder",
+}
 
 
 def _import(spec: str | Callable, what: str) -> Callable:
@@ -182,10 +190,9 @@ class Evaluation:
             try:
                 found = datasets.load_from_disk(folder)
             except Exception as error:  # noqa: BLE001 - datasets raises many kinds for a bad folder
-                reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
                 raise SoupError(
-                    f"evaluation.dataset load_from_disk {folder} could not be loaded ({reason}); give a folder "
-                    "written by DatasetDict.save_to_disk"
+                    f"evaluation.dataset load_from_disk {folder} could not be loaded ({first_line(error)}); give a "
+                    "folder written by DatasetDict.save_to_disk"
                 ) from None
             if not isinstance(found, datasets.DatasetDict):  # a single Dataset: its one split has no name
                 raise SoupError(
@@ -197,10 +204,9 @@ class Evaluation:
             try:
                 loaded = dict(datasets.load_dataset(**self.dataset))
             except Exception as error:  # noqa: BLE001 - datasets raises many kinds for bad specs
-                reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
                 raise SoupError(
-                    f"evaluation.dataset {self.dataset} could not be loaded ({reason}); give the arguments of "
-                    "datasets.load_dataset, e.g. {path: csv, data_files: {validation: val.csv}}"
+                    f"evaluation.dataset {self.dataset} could not be loaded ({first_line(error)}); give the arguments "
+                    "of datasets.load_dataset, e.g. {path: csv, data_files: {validation: val.csv}}"
                 ) from None
         wanted = [self.selection_split, *[s for s in self.report_splits if s != self.selection_split]]
         for split in wanted:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import parse_dtype, parse_size
-from .errors import SoupError, did_you_mean
+from .errors import SoupError, did_you_mean, first_line
 from .evaluation import Evaluation
 from .methods import METHODS, get_method
 from .methods.registry import Declaration
@@ -242,7 +242,7 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     except yaml.YAMLError as error:
         where = getattr(error, "problem_mark", None)
         line = f" at line {where.line + 1}" if where is not None else ""
-        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        problem = getattr(error, "problem", None) or first_line(error)
         raise SoupError(
             f"recipe {path} is not valid YAML{line}: {problem}; fix the YAML there (brackets, indentation, quotes)"
         ) from None

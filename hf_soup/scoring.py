@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import SoupError, did_you_mean
+from .errors import SoupError, did_you_mean, first_line
 from .tasks import Task, collate, get_task, preprocess_split
 
 Batches = list[tuple[torch.Tensor, torch.Tensor]]  # (logits, labels) per batch, on the CPU, in split order
@@ -167,7 +167,7 @@ def _evaluate_metric(
         local = " (a local path)" if Path(name).exists() else ""
         raise SoupError(
             f"cannot load evaluate metric {name!r}{local}{did_you_mean(name, BUILTIN_METRICS)}: "
-            f"{(str(error).strip().splitlines() or [type(error).__name__])[0][:200]}; offline, use a built-in metric "
+            f"{first_line(error)}; offline, use a built-in metric "
             f"({', '.join(BUILTIN_METRICS)}), an evaluate module folder or script by local path, or a compute_metrics "
             "callable"
         ) from None
