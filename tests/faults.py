@@ -291,6 +291,46 @@ def add_many(root: str, source: str, worker: int, count: int, start: str) -> Non
 
 ADD_MANY = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); from faults import add_many; "
 ADD_MANY += "add_many(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])"
+
+
+def tiny_source(folder: Path) -> Path:
+    """The smallest ingredient folder a pantry takes: a config and a one-tensor safetensors file."""
+    import torch
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    save_file({"w": torch.arange(16, dtype=torch.float32)}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text('{"model_type": "llama"}')
+    return folder
+
+
+def concurrent_adds(work: Path, writers: int, each: int, *, launch: str) -> float:
+    """Start `writers` processes that add `each` entries to one pantry, release them together, wait, and check that
+    every entry is listed once with its files; returns the seconds from the release to the last exit."""
+    from hf_soup.pantry import Pantry
+
+    root, source, start = work / "pantry", tiny_source(work / "source"), work / "start"
+    Pantry(root).check_writable()
+    arguments = [[str(root), str(source), str(w), str(each), str(start)] for w in range(writers)]
+    if launch == "fork":
+        processes = [Forked(add_many, a[0], a[1], int(a[2]), int(a[3]), a[4]) for a in arguments]
+    else:
+        processes = [subprocess.Popen([sys.executable, "-c", ADD_MANY, *a], env=ENV) for a in arguments]
+        time.sleep(1)
+    started = time.monotonic()
+    start.touch()
+    codes = [process.wait() for process in processes]
+    seconds = time.monotonic() - started
+    assert codes == [0] * writers
+    pantry = Pantry(root)
+    ids = [i.id for i in pantry.list()]
+    assert sorted(ids) == sorted(f"w{w}-{s}" for w in range(writers) for s in range(each)), "an add was lost"
+    assert len(set(ids)) == len(ids) == writers * each
+    assert sorted(p.name for p in (root / "ingredients").iterdir()) == sorted(ids)
+    assert pantry.verify() == []
+    return seconds
+
+
 ADD_CHILD = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); from faults import add_forever; "
 ADD_CHILD += "add_forever(*sys.argv[1:])"
 
