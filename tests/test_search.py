@@ -171,6 +171,25 @@ def test_a_study_resumes_from_its_storage_without_repeating_trials(ingredients, 
     assert third.record["strategy"]["resumed_trials"] == 0 and third.record["strategy"]["study"] != two["study"]
 
 
+def test_a_trial_left_running_by_a_killed_cook_is_marked_and_not_counted(ingredients, splits, tmp_path):
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    options = dict(merge="weighted", space={"weights": {"low": 0.0, "high": 1.0}}, sampler="random")
+    options["evaluation"] = evaluation(splits, compare=[])
+    first = cook(ingredients, splits, tmp_path / "soup", trials=2, **options)
+    storage = JournalStorage(JournalFileBackend(str(tmp_path / "soup.study.log")))
+    optuna.load_study(study_name=first.record["strategy"]["study"], storage=storage).ask()  # a kill mid-trial
+    again = SoupBuilder([str(p) for p in ingredients], method="search", trials=3, **options).cook(
+        tmp_path / "soup", progress=False, overwrite=True
+    )
+    strategy = again.record["strategy"]
+    assert strategy["resumed_trials"] == 2 and strategy["new_trials"] == 1
+    assert [row["state"] for row in strategy["history"]] == ["COMPLETE", "COMPLETE", "FAIL", "COMPLETE"]
+    assert strategy["history"][2]["error"].startswith("interrupted")
+
+
 @pytest.mark.parametrize("sampler", ["random", "grid", "tpe", "cmaes"])
 def test_samplers_are_deterministic_given_the_seed(ingredients, splits, tmp_path, sampler):
     options = dict(

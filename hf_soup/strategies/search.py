@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
+from ..cache import cached_sha256
 from ..errors import SoupError
 from ..scoring import process_state
 from .registry import StrategyResult, register_strategy
@@ -184,7 +185,7 @@ def _sampler(optuna, name: str, seed: int, grid: dict[str, list] | None):
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, warn_independent_sampling=False)
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True)
     try:
         import cmaes  # noqa: F401
     except ImportError:
@@ -205,9 +206,12 @@ def _storage(optuna, path: Path | None):
 
 def _study_name(tasting: Tasting, merge: str, space: SearchSpace, sampler: str, seed: int, points: int) -> str:
     """One study per (ingredients, split, metric, method, space, sampler, seed): a changed recipe starts anew."""
+    readers = getattr(tasting, "readers", [None] * tasting.count)
+    base = getattr(tasting, "base", None)
     key = {
         "ingredients": [i.id for i in tasting.ingredients],
-        "sha256": [i.sha256 for i in tasting.ingredients],
+        "sha256": [i.sha256 or _digests(r) for i, r in zip(tasting.ingredients, readers)],
+        "base": _digests(base),
         "split": tasting.split,
         "metric": tasting.scorer.metric.name,
         "merge": merge,
@@ -222,6 +226,12 @@ def _study_name(tasting: Tasting, merge: str, space: SearchSpace, sampler: str, 
 
 
 INTERRUPTED = "interrupted: the cook stopped during this trial"
+
+
+def _digests(reader) -> dict[str, str] | None:
+    """sha256 of a loose folder's weight files (from hf_soup's digest cache when unchanged): retrained weights
+    under the same folder name make another study, never a resumed one with stale scores."""
+    return None if reader is None else cached_sha256(list(reader.files))
 
 
 def _finished(optuna, study) -> list:
