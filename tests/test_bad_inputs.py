@@ -410,6 +410,21 @@ def ingredients_and_pantry(b: Bench):
     return recipe(b.take("run1"), pantry="pantry")
 
 
+@case("recipe.yaml", "`pantry` must be a string", "got int 5")
+def pantry_not_a_string(b: Bench):
+    return {"method": "uniform", "pantry": 5, "output": "soup"}
+
+
+@case("recipe.yaml", "`base_model` must be a string", "got list ['base']")
+def base_model_not_a_string(b: Bench):
+    return recipe(b.take("run0"), b.take("run1"), method="ties", density=0.5, base_model=[b.take("base")])
+
+
+@case("recipe.yaml", "`rank` must be an integer", "got str 'four'")
+def rank_not_an_integer(b: Bench):
+    return recipe(b.take("run0"), adapter_output="svd", rank="four")
+
+
 @case("recipe.yaml", "dtype", "unknown dtype 'int8'", "bfloat16")
 def dtype_unknown(b: Bench):
     return recipe(b.take("run0"), dtype="int8")
