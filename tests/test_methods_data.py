@@ -2,8 +2,7 @@
 
 import pytest
 import torch
-from conftest import make_split, state_dict_of
-from test_strategies import perturbed, trained  # noqa: F401  (session fixture)
+from conftest import make_split, perturbed, state_dict_of
 
 from hf_soup import SoupBuilder, SoupError
 from hf_soup.methods import get_method
