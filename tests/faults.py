@@ -278,11 +278,13 @@ def add_forever(root: str, source: str, log: str, ready: str) -> None:
 
 
 def add_many(root: str, source: str, worker: int, count: int, start: str) -> None:
-    """One of several writers (tests/test_load.py): wait for the common start (a file), then add `count` entries."""
+    """One of several writers (tests/test_load.py): say it is ready (imports done), wait for the common start (a
+    file), then add `count` entries."""
     import hf_soup.checkpoint  # noqa: F401 - torch, imported before the start
     from hf_soup.pantry import Pantry
 
     pantry = Pantry(root)
+    Path(start).with_name(f"ready-{worker}").touch()
     while not os.path.exists(start):
         time.sleep(0.001)
     for step in range(count):
@@ -316,7 +318,8 @@ def concurrent_adds(work: Path, writers: int, each: int, *, launch: str) -> floa
         processes = [Forked(add_many, a[0], a[1], int(a[2]), int(a[3]), a[4]) for a in arguments]
     else:
         processes = [subprocess.Popen([sys.executable, "-c", ADD_MANY, *a], env=ENV) for a in arguments]
-        time.sleep(1)
+    for worker, process in enumerate(processes):
+        assert wait_until((work / f"ready-{worker}").exists, process), f"writer {worker} failed to start"
     started = time.monotonic()
     start.touch()
     codes = [process.wait() for process in processes]
