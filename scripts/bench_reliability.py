@@ -115,13 +115,13 @@ def part_kills(args, work: Path) -> dict:
 
     results = {}
     case = CookCase(work / "cook", launch="fork").build()
-    results["cook_window_s"] = round(case.window, 3)
     results["cook_forked"] = case.kill_loop(args.cook_kills, seed=1).to_dict()
     results["cook_forked_fresh_output"] = case.kill_loop(max(args.cook_kills // 10, 1), seed=2, fresh=True).to_dict()
     results["cook_subprocess"] = case.kill_loop(args.subprocess_kills, seed=3, launch="subprocess").to_dict()
     process = case.cook("new", case.target)
     assert process.wait() == 0 and case.state() == "new", case.error(process)
     results["cook_staging_left_after_next_complete_cook"] = len(case.staging())
+    results["cook_window_s"] = {launch: round(window, 3) for launch, window in case.windows.items()}
     adds = AddCase(work / "add", launch="fork", shard_bytes=8 << 20).build()
     results["add_window_s"] = round(adds.window, 3)
     results["add_forked"] = adds.kill_loop(args.add_kills, seed=4).to_dict()

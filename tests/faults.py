@@ -148,9 +148,9 @@ class KillReport:
 class CookCase:
     """Two recipes over three small Llamas (`old`: uniform of two, `new`: uniform of three), sharded output.
 
-    `build` cooks each once: the reference digests, and the time from the staging folder's appearance to the soup's
-    appearance under its name. Kills are drawn in 1.3 × that window after the staging folder appears: before it the
-    process imports and reads headers (nothing written), after it the process only exits.
+    `build` cooks each once (the reference digests). Kills are drawn in a window after the staging folder appears:
+    1.3 × the time from there to the swap under the output name, measured (`calibrate`) on warm cooks of the same
+    launch; before the window the process imports and reads headers (nothing written), after it it only exits.
     """
 
     def __init__(self, work: Path, *, max_shard_size: str = "400KB", launch: str = "subprocess"):
@@ -161,7 +161,7 @@ class CookCase:
         self.target = self.work / "soup"
         self.max_shard_size = max_shard_size
         self.references: dict[str, dict[str, str]] = {}
-        self.window = self.startup = 0.0
+        self.windows: dict[str, float] = {}
 
     def recipe(self, label: str) -> Path:
         return self.work / f"{label}.yaml"
@@ -178,20 +178,40 @@ class CookCase:
             self.recipe(label).write_text(json.dumps({**recipe, "max_shard_size": self.max_shard_size}) + "\n")
         reference = self.work / "reference"
         shutil.rmtree(reference, ignore_errors=True)
-        for label in ("new", "old"):  # ends with `old` under the target: the first kill cooks `new` over it
-            started, output = time.monotonic(), reference if label == "new" else self.target
-            process = self.cook(label, output)
-            seen = wait_until(lambda output=output: self.staging(output), process)
-            staged = time.monotonic()
-            wait_until(output.exists, process)
-            if label == "new":
-                self.window, self.startup = 1.3 * (time.monotonic() - staged), staged - started
-            if process.wait() != 0 or not seen:
-                raise RuntimeError(f"calibration cook of {label} failed: {self.error(process)}")
+        for label in ("new", "old"):  # ends with `old` under the target
+            process = self.cook(label, reference if label == "new" else self.target)
+            if process.wait() != 0:
+                raise RuntimeError(f"reference cook of {label} failed: {self.error(process)}")
         self.references = {"new": digests(reference), "old": digests(self.target)}
         if len(self.references["new"]) < 4:
             raise RuntimeError(f"the soup has {len(self.references['new'])} files; want several shards")
         return self
+
+    def window(self, launch: str | None = None) -> float:
+        """1.3 × the shortest time from the staging folder's appearance to the swap, over warm cooks of the target
+        (two forked, or one fresh process); measured once per launch."""
+        launch = launch or self.launch
+        if launch not in self.windows:
+            spans = []
+            for _ in range(2 if launch == "fork" else 1):
+                label = "new" if self.state() == "old" else "old"
+                before = self._inode()
+                process = self.cook(label, self.target, launch=launch)
+                mine = f"-{process.pid}-"
+                seen = wait_until(lambda mine=mine: any(mine in p.name for p in self.staging()), process)
+                staged = time.monotonic()
+                swapped = wait_until(lambda before=before: self._inode() not in (before, None), process)
+                spans.append(time.monotonic() - staged)
+                if process.wait() != 0 or not (seen and swapped):
+                    raise RuntimeError(f"calibration cook of {label} failed: {self.error(process)}")
+            self.windows[launch] = 1.3 * min(spans)
+        return self.windows[launch]
+
+    def _inode(self) -> int | None:
+        try:
+            return self.target.stat().st_ino
+        except FileNotFoundError:
+            return None
 
     def cook(self, label: str, output: Path, *, launch: str | None = None) -> subprocess.Popen | Forked:
         """Start `hf-soup cook RECIPE --output OUTPUT --overwrite --quiet` (`launch`: default the case's)."""
@@ -229,6 +249,7 @@ class CookCase:
         delay after its staging folder appears, and check the target; `kills` times. Raises AssertionError at the
         first broken invariant: the target must hold the previous complete soup (or nothing, when `fresh`) or the
         new complete soup."""
+        window = self.window(launch)
         rng, report, started = random.Random(seed), KillReport(), time.monotonic()
         current = self.state()
         assert current in ("old", "new", "absent"), current
@@ -241,7 +262,7 @@ class CookCase:
             mine = f"-{process.pid}-"
             if not wait_until(lambda mine=mine: any(mine in p.name for p in self.staging()), process):
                 raise RuntimeError(f"cook {attempt} never staged: {self.error(process)}")
-            time.sleep(rng.uniform(0, self.window))
+            time.sleep(rng.uniform(0, window))
             running = process.poll() is None
             process.kill()
             process.wait()
