@@ -53,6 +53,11 @@ def _cook(args: argparse.Namespace) -> int:
             f"\n{strategy['name']} soup: {len(strategy['chosen'])} of {len(rows)} ingredients, "
             f"{strategy['evaluations']} evaluations on {strategy['selection_split']!r}\n"
         )
+        if "best_parameters" in strategy:  # the search strategy
+            best = ", ".join(
+                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in strategy["best_parameters"].items()
+            )
+            print(f"best of {len(strategy['history'])} trials (trial {strategy['best_trial']}): {best}\n")
         print(markdown(soup.record["report"]) + "\n")
     for note in soup.record["notes"]:
         print(f"note: {note}")

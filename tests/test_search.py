@@ -310,3 +310,27 @@ def test_two_process_search_gives_the_same_history(ingredients, splits, tmp_path
         assert [row["score"] for row in result["history"]] == [row["score"] for row in one["history"]]
         assert result["evaluations"] == one["evaluations"]
     assert (tmp_path / "two.study.log").is_file() and not (tmp_path / "two" / ".." / "rank-1.study.log").exists()
+
+
+def test_cli_cooks_a_search_recipe_and_explains_it(ingredients, splits, tmp_path, capsys):
+    from datasets import DatasetDict
+
+    from hf_soup.cli import main
+
+    DatasetDict(splits).save_to_disk(str(tmp_path / "data"))
+    recipe = tmp_path / "search.yaml"
+    names = ", ".join(folder.name for folder in ingredients)
+    recipe.write_text(
+        f"method: search\nmerge: weighted\nspace: {{weights: {{low: 0.0, high: 1.0}}}}\nsampler: random\ntrials: 3\n"
+        f"ingredients: [{names}]\noutput: soup\nevaluation:\n  dataset: {{load_from_disk: data}}\n"
+        "  selection_split: validation\n  report_splits: [test]\n  compare: [uniform]\n"
+    )
+    capsys.readouterr()
+    assert main(["cook", str(recipe), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "search soup: 3 of 3 ingredients, 3 evaluations on 'validation'" in out
+    assert "best of 3 trials (trial " in out and "weights[0]=" in out
+    assert "| search |" in out and "| uniform |" in out
+    card = (tmp_path / "soup" / "README.md").read_text()
+    assert "random search over the parameters of `weighted`: 3 trials (3 scored, 0 resumed" in card
+    assert "figure_search.png" in card and (tmp_path / "soup.study.log").is_file()
