@@ -262,6 +262,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SoupError as error:
         print(f"hf-soup: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # a file-system failure no layer anticipated (permissions, a vanished folder, ...)
+        print(f"hf-soup: error: {error}; check that path and run the command again", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("hf-soup: interrupted; nothing was written under the output name", file=sys.stderr)
         return 130

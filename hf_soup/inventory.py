@@ -73,7 +73,7 @@ def strays(pantry: Pantry, ingredients: list[Ingredient]) -> list[Path]:
     claimed = set()
     for ingredient in ingredients:
         with contextlib.suppress(SoupError):
-            claimed.add(pantry.location(ingredient))
+            claimed.add(pantry.location(ingredient, files=False))  # a folder with a bad link is still claimed
     folder = pantry.root / INGREDIENTS
     if not folder.is_dir():
         return []
@@ -89,8 +89,8 @@ def check(pantry: Pantry, ingredient: Ingredient) -> list[str]:
     label = ingredient.id if ingredient.id.isprintable() else _short(ingredient.id)
     try:
         folder = pantry.location(ingredient)
-    except SoupError:
-        return [f"{label}: path {_short(ingredient.path)} leads outside the pantry; fix the record in {LEDGER}"]
+    except SoupError as error:  # the path, or a file linked from the folder, leads outside the pantry
+        return [str(error)]
     remedy = f"restore it, or drop the entry: hf-soup pantry remove <pantry> {label}"
     if not folder.is_dir():
         return [f"{label}: folder {ingredient.path} is missing; {remedy}"]

@@ -292,16 +292,24 @@ class Pantry:
         known = ", ".join(i.id for i in ingredients) or "none"
         raise SoupError(f"pantry {self.root} has no ingredient {ingredient_id!r}; it has: {known}")
 
-    def location(self, ingredient: Ingredient | str) -> Path:
-        """The absolute folder of an ingredient, confined to the pantry (a path escaping it is refused)."""
+    def location(self, ingredient: Ingredient | str, files: bool = True) -> Path:
+        """The absolute folder of an ingredient, confined to the pantry: a path escaping it is refused, and so (unless
+        `files` is false) is a file in the folder that links outside the pantry."""
         if isinstance(ingredient, str):
             ingredient = self.get(ingredient)
+        root = self.root.resolve()
         folder = (self.root / ingredient.path).resolve()
-        if not folder.is_relative_to(self.root.resolve()):
+        if not folder.is_relative_to(root):
             raise SoupError(
                 f"{self.ledger}: ingredient {ingredient.id} has path {ingredient.path!r}, which leads outside the "
                 "pantry; pantry paths must stay inside it"
             )
+        for item in folder.iterdir() if files and folder.is_dir() else ():
+            if item.is_symlink() and not item.resolve().is_relative_to(root):
+                raise SoupError(
+                    f"{self.ledger}: ingredient {ingredient.id} has file {item.name}, a link to {item.resolve()} "
+                    "outside the pantry; pantry files must stay inside it (replace the link with the file itself)"
+                )
         return folder
 
     # -- writing -------------------------------------------------------------------------------------------------

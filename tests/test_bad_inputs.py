@@ -662,6 +662,15 @@ def pantry_path_symlinked_out(b: Bench):
     return {"method": "uniform", "pantry": "pantry", "output": "soup"}
 
 
+@case("ingredient run1 has file model.safetensors, a link to", "outside the pantry", "replace the link")
+def pantry_weight_file_symlinked_out(b: Bench):
+    pantry = b.pantry("run0", "run1")
+    weights = pantry.root / "ingredients" / "run1" / "model.safetensors"
+    weights.unlink()
+    weights.symlink_to(b.root / "runs-run1" / "model.safetensors")
+    return {"method": "uniform", "pantry": "pantry", "output": "soup"}
+
+
 @case("has no ingredient 'run7'", "it has: run0, run1")
 def select_of_an_unknown_id(b: Bench):
     b.pantry("run0", "run1")

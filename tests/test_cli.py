@@ -67,6 +67,20 @@ def test_pantry_list_verify_remove(tmp_path, make_ingredients, capsys):
     assert "is not a pantry" in capsys.readouterr().err
 
 
+def test_an_unexpected_file_system_error_is_one_line_exit_2(tmp_path, make_ingredients, monkeypatch, capsys):
+    pantry = Pantry(tmp_path / "pantry")
+    pantry.add(make_ingredients(1)[0], run="lr1")
+
+    def denied(self):
+        raise PermissionError(13, "Permission denied", str(self.ledger))
+
+    monkeypatch.setattr(Pantry, "_read", denied)
+    capsys.readouterr()
+    assert main(["pantry", "list", str(pantry.root)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Permission denied" in err and "pantry.json'; check that path" in err
+
+
 def test_methods_lists_the_registry(capsys):
     assert main(["methods"]) == 0
     out = capsys.readouterr().out

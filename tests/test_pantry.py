@@ -159,6 +159,21 @@ def test_verify_finds_corruption_strays_and_leftovers(tmp_path, run_folder):
     assert main(["pantry", "verify", str(root)]) == 1
 
 
+def test_verify_and_location_refuse_a_weight_file_linked_out_of_the_pantry(tmp_path, run_folder):
+    pantry = Pantry(tmp_path / "pantry")
+    ingredient = pantry.add(run_folder, link="copy")
+    weights = pantry.location(ingredient) / "model.safetensors"
+    outside = tmp_path / "elsewhere.safetensors"
+    weights.rename(outside)
+    weights.symlink_to(outside)  # same bytes, so only the link itself is wrong
+    with pytest.raises(SoupError, match="has file model.safetensors, a link to .*elsewhere.safetensors outside"):
+        pantry.location(ingredient)
+    [problem] = pantry.verify()
+    assert "a link to" in problem and "replace the link with the file itself" in problem
+    assert not pantry.repair().actions and weights.is_symlink()  # repair leaves the entry's folder where it is
+    assert main(["pantry", "verify", str(tmp_path / "pantry")]) == 1
+
+
 def test_repair_removes_dead_leftovers_keeps_entries_and_moves_strays(tmp_path, run_folder, capsys):
     root = tmp_path / "pantry"
     pantry = Pantry(root)
