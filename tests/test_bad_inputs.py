@@ -284,6 +284,12 @@ def remote_code_without_opt_in(b: Bench):
     return recipe("run0", b.take("run1"))
 
 
+@case("ingredient base_model", "config.json has auto_map", "trust_remote_code: true")
+def remote_code_base_of_adapters_without_opt_in(b: Bench):
+    edit_config(b.root / b.take("base"), auto_map={"AutoModelForCausalLM": "modeling_evil.EvilModel"})
+    return recipe(b.lora("lora0", "base", 0), b.lora("lora1", "base", 1), base_model="base")
+
+
 @case("pytorch_model.bin is a pickle checkpoint", "allow_pickle: true", "safetensors")
 def pickle_without_opt_in(b: Bench):
     folder = b.root / b.take("run1")

@@ -12,6 +12,7 @@ from .. import comparison
 from ..atomic import staged_folder, write_json
 from ..card import explain_soup
 from ..checkpoint import CheckpointReader, parse_dtype
+from ..compat import check_configs
 from ..errors import SoupError
 from ..pantry import Ingredient
 from .reading import Adapter, check_against_base, check_same_base, read_adapter, resolve_base
@@ -74,6 +75,8 @@ def cook_adapters(
                 f"{why}, so the base model folder is needed: set `base_model:` in the recipe (adapter_config.json of "
                 f"{adapters[0].label} names {named!r}, which is not a local folder or cached model)"
             )
+        if base_folder is not None:  # its config and tokenizer, like a full soup's ingredients: no custom code unasked
+            check_configs([Path(base_folder)], ["base_model"], trust_remote_code=recipe.trust_remote_code)
         base = (
             stack.enter_context(CheckpointReader(base_folder, allow_pickle=recipe.allow_pickle, label="base_model"))
             if base_folder is not None
