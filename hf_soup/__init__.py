@@ -16,7 +16,7 @@ _EXPORTS = {
     "Soup": "builder",
     "SoupBuilder": "builder",
     "CheckpointReader": "checkpoint",
-    "CheckpointWriter": "checkpoint",
+    "CheckpointWriter": "writer",
     "SoupError": "errors",
     "Evaluation": "evaluation",
     "write_card": "card",
@@ -27,7 +27,7 @@ _EXPORTS = {
     "get_method": "methods",
     "list_methods": "methods",
     "register_method": "methods",
-    "Ingredient": "pantry",
+    "Ingredient": "ingredient",
     "Pantry": "pantry",
     "Recipe": "recipe",
     "load_recipe": "recipe",
@@ -79,14 +79,16 @@ if TYPE_CHECKING:  # pragma: no cover
     from .builder import Soup, SoupBuilder
     from .callback import SoupCallback
     from .card import write_card
-    from .checkpoint import CheckpointReader, CheckpointWriter
+    from .checkpoint import CheckpointReader
     from .errors import SoupError
     from .evaluation import Evaluation
     from .hub import push_to_hub
+    from .ingredient import Ingredient
     from .inspection import Inspection, inspect_ingredients
     from .kitchen import Kitchen
     from .methods import get_method, list_methods, register_method
-    from .pantry import Ingredient, Pantry
+    from .pantry import Pantry
     from .recipe import Recipe, load_recipe
     from .scoring import Scorer
     from .strategies import StrategyResult, Tasting, get_strategy, register_strategy
+    from .writer import CheckpointWriter

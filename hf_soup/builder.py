@@ -17,19 +17,21 @@ from typing import Any
 from .atomic import check_output_folder, staged_folder, write_json
 from .cache import cached_sha256
 from .card import explain_soup
-from .checkpoint import CheckpointReader, CheckpointWriter, RenamedReader, TensorInfo, parse_dtype, weight_files
+from .checkpoint import CheckpointReader, RenamedReader, TensorInfo, parse_dtype, weight_files
 from .comparison import choose
 from .compat import Plan, check_configs, plan_soup
 from .errors import SoupError
+from .ingredient import Ingredient
 from .inspection import task_vector_geometry
 from .kitchen import Kitchen
 from .merge import stream_merge
 from .methods import get_method
-from .pantry import SKIPPED_FILES, Ingredient, Pantry
+from .pantry import SKIPPED_FILES, Pantry
 from .recipe import Recipe, load_recipe, lookup
 from .schedules import per_tensor
 from .scoring import Scorer, process_state
 from .strategies import StrategyResult, Tasting
+from .writer import CheckpointWriter
 
 logger = logging.getLogger(__name__)
 

@@ -21,7 +21,8 @@ from transformers.trainer_callback import ExportableState
 from .atomic import sha256_file
 from .checkpoint import weight_files
 from .errors import SoupError
-from .pantry import Ingredient, Pantry
+from .ingredient import Ingredient
+from .pantry import Pantry
 
 logger = logging.getLogger(__name__)
 

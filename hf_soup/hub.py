@@ -24,8 +24,9 @@ import shutil
 from pathlib import Path
 
 from .atomic import STAGING_PREFIX, staged_folder, write_json
-from .checkpoint import SAFE_INDEX, CheckpointReader, CheckpointWriter, parse_size, plan_shards, weight_files
+from .checkpoint import SAFE_INDEX, CheckpointReader, parse_size, weight_files
 from .errors import SoupError
+from .writer import CheckpointWriter, plan_shards
 
 logger = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ import torch
 from .checkpoint import FLOAT_DTYPES, CheckpointReader
 from .compat import check_configs, plan_soup
 from .errors import SoupError
-from .pantry import config_hash, detect_kind
+from .ingredient import config_hash, detect_kind
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from .atomic import OWNER, fsync_folder, owner_state, sha256_file
 from .errors import SoupError
-from .pantry import INGREDIENTS, LEDGER, LOST, REMOVING, STAGING, Ingredient, Pantry, Repair, _short
+from .ingredient import Ingredient, brief
+from .pantry import INGREDIENTS, LEDGER, LOST, REMOVING, STAGING, Pantry, Repair
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ def strays(pantry: Pantry, ingredients: list[Ingredient]) -> list[Path]:
 
 def check(pantry: Pantry, ingredient: Ingredient) -> list[str]:
     """The problems of one entry: folder or weight files missing, or not matching their sha256."""
-    label = ingredient.id if ingredient.id.isprintable() else _short(ingredient.id)
+    label = ingredient.id if ingredient.id.isprintable() else brief(ingredient.id)
     try:
         folder = pantry.location(ingredient)
     except SoupError as error:  # the path, or a file linked from the folder, leads outside the pantry

@@ -15,10 +15,11 @@ from typing import Any
 
 import torch
 
-from .checkpoint import FLOAT_DTYPES, CheckpointReader, CheckpointWriter
+from .checkpoint import FLOAT_DTYPES, CheckpointReader
 from .compat import Plan
 from .errors import SoupError
 from .methods import Method
+from .writer import CheckpointWriter
 
 Parameters = Mapping[str, Any] | Callable[[str], Mapping[str, Any]]
 

@@ -51,7 +51,8 @@ def make_random_llama(folder: Path, size: str, seed: int, max_shard_size: str) -
     from accelerate import init_empty_weights
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from hf_soup.checkpoint import CheckpointWriter, TensorInfo
+    from hf_soup.checkpoint import TensorInfo
+    from hf_soup.writer import CheckpointWriter
 
     if (folder / "done").is_file():
         return

@@ -349,7 +349,7 @@ def test_tasting_scores_adapters_as_their_merged_models(llama, tmp_path):
     from datasets import Dataset
 
     from hf_soup.adapters import AdapterTasting
-    from hf_soup.pantry import Ingredient
+    from hf_soup.ingredient import Ingredient
 
     base, folders = llama
     data = Dataset.from_dict({"input_ids": IDS.tolist()})
@@ -387,7 +387,7 @@ def test_tasting_mixes_heads_without_losing_any(bert):
     from datasets import Dataset
 
     from hf_soup.adapters import AdapterTasting
-    from hf_soup.pantry import Ingredient
+    from hf_soup.ingredient import Ingredient
 
     base, folders = bert
     data = Dataset.from_dict({"input_ids": IDS.tolist(), "label": [0, 1, 2, 0]})

@@ -25,7 +25,8 @@ from transformers import (  # noqa: E402
 
 from hf_soup.callback import SoupCallback  # noqa: E402
 from hf_soup.errors import SoupError  # noqa: E402
-from hf_soup.pantry import Pantry, config_hash  # noqa: E402
+from hf_soup.ingredient import config_hash  # noqa: E402
+from hf_soup.pantry import Pantry  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "tests" / "scripts_callback" / "train_tiny.py"

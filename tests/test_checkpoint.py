@@ -8,14 +8,13 @@ from safetensors.torch import load_file, save_file
 
 from hf_soup.checkpoint import (
     CheckpointReader,
-    CheckpointWriter,
     TensorInfo,
     parse_dtype,
     parse_size,
-    plan_shards,
     weight_files,
 )
 from hf_soup.errors import SoupError
+from hf_soup.writer import CheckpointWriter, plan_shards
 
 
 def sample_tensors():

@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 
 from hf_soup.cli import main
 from hf_soup.errors import SoupError
-from hf_soup.pantry import Ingredient, Pantry
+from hf_soup.ingredient import Ingredient
+from hf_soup.pantry import Pantry
 
 FUZZ = settings(max_examples=300, deadline=None, derandomize=True)
 FIELDS = [

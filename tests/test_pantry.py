@@ -9,7 +9,8 @@ from conftest import make_model, save_model
 from hf_soup.atomic import owner_tag
 from hf_soup.cli import main
 from hf_soup.errors import SoupError
-from hf_soup.pantry import Ingredient, Pantry, config_hash
+from hf_soup.ingredient import Ingredient, config_hash
+from hf_soup.pantry import Pantry
 
 
 @pytest.fixture

@@ -10,8 +10,8 @@ from conftest import make_model, make_split, save_model
 
 from hf_soup import SoupError, plots
 from hf_soup.checkpoint import CheckpointReader
+from hf_soup.ingredient import Ingredient
 from hf_soup.kitchen import Kitchen
-from hf_soup.pantry import Ingredient
 from hf_soup.scoring import Scorer
 from hf_soup.strategies import Tasting
 

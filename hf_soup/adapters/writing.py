@@ -17,8 +17,9 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import FLOAT_DTYPES, CheckpointReader, CheckpointWriter, TensorInfo
+from ..checkpoint import FLOAT_DTYPES, CheckpointReader, TensorInfo
 from ..errors import SoupError
+from ..writer import CheckpointWriter
 from .algebra import concat_factors, delta_weight, difference_squared, naive_factors, norm_squared, truncated_svd
 from .reading import PREFIX, Adapter, LoraModule
 
