@@ -155,7 +155,7 @@ class SoupBuilder:
             from .adapters import cook_adapters
 
             return cook_adapters(self, found, target, overwrite=overwrite, progress=progress, scorer=scorer)
-        parameters = declared.bind(recipe.parameters, len(found))
+        parameters = declared.bind(recipe.parameters, len(found), source=recipe.source)
         labels = [ingredient.id for ingredient, _ in found]
         folders = [folder for _, folder in found]
         check_configs(

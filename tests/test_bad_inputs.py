@@ -491,12 +491,12 @@ def svd_rank_zero(b: Bench):
     return recipe(b.take("run0"), adapter_output="svd", rank=0)
 
 
-@case("weights has 1 value(s) for 2 ingredient(s)", "give one weight each")
+@case("recipe.yaml: weights has 1 value(s) for 2 ingredient(s)", "give one weight each")
 def weights_of_wrong_length(b: Bench):
     return recipe(b.take("run0"), b.take("run1"), method="weighted", weights=[1.0])
 
 
-@case("method 'weighted': weights[1] must be a number", "got str 'a lot'")
+@case("recipe.yaml: method 'weighted': weights[1] must be a number", "got str 'a lot'")
 def weights_not_numbers(b: Bench):
     return recipe(b.take("run0"), b.take("run1"), method="weighted", weights=[1, "a lot"])
 
@@ -511,17 +511,17 @@ def weights_missing(b: Bench):
     return recipe(b.take("run0"), b.take("run1"), method="weighted")
 
 
-@case("ties: density must be in (0, 1]", "got -0.5", "fraction of entries kept")
+@case("recipe.yaml: ties: density must be in (0, 1]", "got -0.5", "fraction of entries kept")
 def density_negative(b: Bench):
     return recipe(b.take("run0"), b.take("run1"), method="ties", base_model=b.take("base"), density=-0.5)
 
 
-@case("ties: density must be in (0, 1]", "got 2.0")
+@case("recipe.yaml: ties: density must be in (0, 1]", "got 2.0")
 def density_scheduled_out_of_range(b: Bench):
     return recipe(b.take("run0"), b.take("run1"), method="ties", base_model=b.take("base"), density=[0.2, 2.0])
 
 
-@case("dare: drop_rate must be in [0, 1)", "got 1.0")
+@case("recipe.yaml: dare: drop_rate must be in [0, 1)", "got 1.0")
 def drop_rate_one(b: Bench):
     return recipe(b.take("run0"), b.take("run1"), method="dare", base_model=b.take("base"), drop_rate=1.0)
 

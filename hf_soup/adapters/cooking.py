@@ -45,14 +45,14 @@ def cook_adapters(
     declared = lookup(recipe.method)
     if declared.kind != "strategy" and declared.name not in LINEAR_METHODS:
         raise SoupError(
-            f"method {declared.name!r} is not available for LoRA adapters; use uniform, weighted, greedy or learned "
-            "(the exact soup Σᵢ wᵢ sᵢ Bᵢ Aᵢ is linear in the adapters)"
+            f"{recipe.source}: method {declared.name!r} is not available for LoRA adapters; use uniform, weighted, "
+            "greedy or learned (the exact soup Σᵢ wᵢ sᵢ Bᵢ Aᵢ is linear in the adapters)"
         )
     output = recipe.adapter_output or "concat"
     if output == "svd" and recipe.rank is None:
         raise SoupError(f"{recipe.source}: adapter_output: svd needs `rank:` (the rank of the compressed adapter)")
     count = len(found)
-    parameters = declared.bind(recipe.parameters, count)
+    parameters = declared.bind(recipe.parameters, count, source=recipe.source)
     dtype = parse_dtype(recipe.dtype) if recipe.dtype else None
     with contextlib.ExitStack() as stack:
         adapters = []

@@ -56,11 +56,20 @@ class Declaration:
         doc = inspect.getdoc(self.function) or ""
         return doc.splitlines()[0] if doc else ""
 
-    def bind(self, given: Mapping[str, Any], count: int) -> dict[str, Any]:
+    def bind(self, given: Mapping[str, Any], count: int, *, source: str | None = None) -> dict[str, Any]:
         """Check recipe parameters against the signature (names, required, types) and the method's own check.
 
-        Returns the full parameter set with defaults filled in.
+        Returns the full parameter set with defaults filled in. `source` (the recipe's file) starts the message of
+        any `SoupError`, so the user knows which file to fix.
         """
+        try:
+            return self._bind(given, count)
+        except SoupError as error:
+            if source is None or str(error).startswith(f"{source}: "):
+                raise
+            raise SoupError(f"{source}: {error}") from None
+
+    def _bind(self, given: Mapping[str, Any], count: int) -> dict[str, Any]:
         accepted = list(self.parameters)
         unknown = [name for name in given if name not in self.parameters]
         if unknown:
