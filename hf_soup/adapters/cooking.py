@@ -14,7 +14,7 @@ from ..card import explain_soup
 from ..checkpoint import CheckpointReader, parse_dtype
 from ..compat import check_configs
 from ..errors import SoupError
-from ..pantry import Ingredient
+from ..ingredient import Ingredient
 from .reading import Adapter, check_against_base, check_same_base, read_adapter, resolve_base
 from .writing import OUTPUTS, full_names, unit_names, write_adapter, write_merged
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from ..checkpoint import FLOAT_DTYPES, CheckpointReader
 from ..errors import SoupError
-from ..pantry import config_hash
+from ..ingredient import config_hash
 
 PREFIX = "base_model.model."
 # suffix of a tensor key → (factor, module kind)

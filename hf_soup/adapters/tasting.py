@@ -17,8 +17,8 @@ import torch
 
 from ..checkpoint import CheckpointReader
 from ..errors import SoupError
+from ..ingredient import Ingredient
 from ..kitchen import Kitchen
-from ..pantry import Ingredient
 from ..scoring import Scorer
 from ..strategies.tasting import Coefficients, Tasting, training_loss
 from .reading import PREFIX, Adapter

@@ -15,10 +15,10 @@ import torch
 
 from ..checkpoint import FLOAT_DTYPES, CheckpointReader
 from ..errors import SoupError
+from ..ingredient import Ingredient
 from ..kitchen import Kitchen
 from ..merge import Parameters, merge_tensor
 from ..methods import get_method
-from ..pantry import Ingredient
 from ..scoring import Batches, Scorer
 from ..tasks import training_loss
 from .registry import StrategyResult
