@@ -37,7 +37,9 @@ def test_cook_bad_input_is_one_line_exit_2_and_no_output(tmp_path, make_ingredie
     capsys.readouterr()
     assert main(["cook", str(recipe), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and err.startswith(f"hf-soup: error: {recipe}: weights has 1 value(s) for 2 ingredient(s)")
+    assert err.count("\n") == 0 and err.startswith(
+        f"hf-soup: error: {recipe}: weights has 1 value(s) for 2 ingredient(s)"
+    )
     assert not (tmp_path / "soup").exists()
     recipe.write_text("method: uniform\n")
     assert main(["cook", str(recipe)]) == 2
