@@ -14,6 +14,12 @@ def first_line(error: BaseException, limit: int = 200) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0][:limit]
 
 
+def brief(value: object, limit: int = 60) -> str:
+    """`repr(value)` on one line, cut to `limit` characters, to quote untrusted input (a ledger may hold anything)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def did_you_mean(word: object, choices) -> str:
     """`" (did you mean 'x'?)"` when `word` is a string close to one of `choices` (a typo), else `""`."""
     import difflib

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import SoupError
+from .errors import SoupError, brief
 
 LEDGER = "pantry.json"  # the ledger's file name, named in errors about its records
 KINDS = ("full", "adapter")
@@ -138,12 +138,6 @@ class Ingredient:
 @functools.cache
 def _field_names(cls: type) -> frozenset[str]:
     return frozenset(f.name for f in dataclasses.fields(cls))
-
-
-def brief(value: Any, limit: int = 60) -> str:
-    """`repr(value)` on one line, cut to `limit` characters (a ledger may hold anything)."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _file_name(name: str) -> bool:

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .atomic import OWNER, fsync_folder, owner_state, sha256_file
-from .errors import SoupError
-from .ingredient import Ingredient, brief
+from .errors import SoupError, brief
+from .ingredient import Ingredient
 from .pantry import INGREDIENTS, LEDGER, LOST, REMOVING, STAGING, Pantry, Repair
 
 

@@ -34,8 +34,8 @@ from typing import Any
 from filelock import FileLock
 
 from .atomic import DISK_FULL, disk_full_error, fsync_folder, owner_tag, sha256_file, write_text
-from .errors import SoupError
-from .ingredient import LEDGER, Ingredient, brief, config_hash, detect_kind
+from .errors import SoupError, brief
+from .ingredient import LEDGER, Ingredient, config_hash, detect_kind
 
 FORMAT = 1
 LOCK = ".pantry.lock"
