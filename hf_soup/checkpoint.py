@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import SoupError
+from .errors import SoupError, brief
 
 SAFE_SINGLE = ("model.safetensors", "adapter_model.safetensors")
 SAFE_INDEX = ("model.safetensors.index.json",)
@@ -78,12 +78,12 @@ def parse_size(value: int | str) -> int:
         return value
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", str(value), flags=re.IGNORECASE)
     if not match:
-        raise SoupError(f"cannot read size {str(value)[:40]!r}; {how}")
+        raise SoupError(f"cannot read size {brief(value, 40)}; {how}")
     unit = (match.group(2) or "B").upper()
     base = 1024 if "I" in unit else 1000
     exact = float(match.group(1)) * base ** {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit[0]]
     if not math.isfinite(exact):
-        raise SoupError(f"cannot read size {str(value)[:40]!r} (too large); {how}")
+        raise SoupError(f"cannot read size {brief(value, 40)} (too large); {how}")
     size = int(exact)
     if size <= 0:
         raise SoupError(f"size must be positive, got {value!r}; {how}")
@@ -131,7 +131,7 @@ def _read_index(index: Path) -> dict[str, str]:
     wrong = next(((k, v) for k, v in weight_map.items() if not isinstance(v, str) or not v), None)
     if wrong is not None:
         raise SoupError(
-            f"shard index {index} maps tensor {wrong[0]} to {str(wrong[1])[:60]!r}, not a shard file name in its "
+            f"shard index {index} maps tensor {wrong[0]} to {brief(wrong[1])}, not a shard file name in its "
             f"'weight_map'; {fix}"
         )
     return weight_map

@@ -14,9 +14,16 @@ def first_line(error: BaseException, limit: int = 200) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0][:limit]
 
 
-def brief(value: object, limit: int = 60) -> str:
-    """`repr(value)` on one line, cut to `limit` characters, to quote untrusted input (a ledger may hold anything)."""
-    text = repr(value)
+def brief(value: object, limit: int = 80) -> str:
+    """A short one-line repr of `value` to quote untrusted input in an error message: long strings, lists and
+    mappings are cut, deep nesting is elided (`reprlib`), and the whole is at most `limit` characters."""
+    import reprlib
+
+    short = reprlib.Repr()
+    short.maxstring = short.maxother = limit
+    short.maxlist = short.maxtuple = short.maxdict = short.maxset = 8
+    short.maxlevel = 3
+    text = short.repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

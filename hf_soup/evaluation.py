@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import SoupError, did_you_mean, first_line
+from .errors import SoupError, brief, did_you_mean, first_line
 from .scoring import Scorer
 from .tasks import TASKS
 
@@ -46,6 +46,7 @@ EVALUATION_KEYS = {
     "reuse_recorded_scores": "use pantry scores measured on the selection split (default true)",
 }
 COMPARABLE = ("uniform", "greedy", "learned", "ensemble")
+COMPARED_BY_DEFAULT = ("uniform", "ensemble")
 # Keys whose `null` in YAML means "not given" (the default); the others must hold a value of their kind.
 NULLABLE = {
     "metric",
@@ -87,7 +88,7 @@ class Evaluation:
     max_length: int | None = None
     batch_size: int = 32
     preprocess: str | Callable | None = None
-    compare: list[str] = field(default_factory=lambda: ["uniform", "ensemble"])
+    compare: list[str] = field(default_factory=lambda: list(COMPARED_BY_DEFAULT))
     device_map: Any = "auto"
     max_memory: dict[Any, Any] | None = None
     offload_folder: str | None = None
@@ -104,7 +105,7 @@ class Evaluation:
         unknown = [key for key in data if key not in EVALUATION_KEYS and key != "splits"]
         if unknown:
             raise SoupError(
-                f"{where}: unknown key {str(unknown[0])[:60]!r}{did_you_mean(unknown[0], EVALUATION_KEYS)}; valid "
+                f"{where}: unknown key {brief(unknown[0])}{did_you_mean(unknown[0], EVALUATION_KEYS)}; valid "
                 f"keys: {', '.join(EVALUATION_KEYS)}"
             )
         if "selection_split" not in data:
@@ -133,7 +134,7 @@ class Evaluation:
             value = data[key]
             if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
                 names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
-                got = "null (an empty value)" if value is None else f"{type(value).__name__} {str(value)[:60]!r}"
+                got = "null (an empty value)" if value is None else f"{type(value).__name__} {brief(value)}"
                 raise SoupError(f"{where}.{key} must be a {names}, got {got} ({EVALUATION_KEYS[key]})")
         if data.get("task", "sequence-classification") not in TASKS:
             raise SoupError(f"{where}.task {data['task']!r} is unknown; tasks: {', '.join(TASKS)}")
@@ -153,12 +154,10 @@ class Evaluation:
             raise SoupError(f"{where}.dataset.load_from_disk must be a folder path (string)")
         for name in data.get("compare", []):
             if name not in COMPARABLE:
-                raise SoupError(
-                    f"{where}.compare: unknown row {str(name)[:60]!r}; choose from {', '.join(COMPARABLE)}"
-                )
+                raise SoupError(f"{where}.compare: unknown row {brief(name)}; choose from {', '.join(COMPARABLE)}")
         for key in ("report_splits", "compare"):
             if not all(isinstance(item, str) for item in data.get(key, [])):
-                raise SoupError(f"{where}.{key} must be a list of names (strings), got {str(data[key])[:60]!r}")
+                raise SoupError(f"{where}.{key} must be a list of names (strings), got {brief(data[key])}")
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in data.get("columns", {}).items()):
             raise SoupError(f"{where}.columns must map text, text_pair, label to column names (strings)")
         for key in ("batch_size", "max_length"):

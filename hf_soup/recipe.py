@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import parse_dtype, parse_size
-from .errors import SoupError, did_you_mean, first_line
+from .errors import SoupError, brief, did_you_mean, first_line
 from .evaluation import Evaluation
 from .methods import METHODS, get_method
 from .methods.registry import Declaration
 from .strategies import STRATEGIES, get_strategy
 
-# key → (meaning, type check description); the method's parameters are accepted beside these.
+# key → its meaning (quoted in errors); the method's parameters are accepted beside these.
 RECIPE_KEYS = {
     "method": "the merge method or strategy (see `hf-soup methods`)",
     "ingredients": "list of model or adapter folders",
@@ -49,6 +49,20 @@ ADAPTER_OUTPUTS = ("concat", "svd", "merged", "naive")
 
 SEEDS = 2**32  # seeds are 0 ≤ seed < 2**32: what every generator a method or strategy may use accepts (numpy's too)
 KIND_NAMES = {str: "a string", int: "an integer", list: "a list", bool: "true or false"}
+# key → the type its value must have (checked once for every key; `evaluation` is checked by `Evaluation`)
+KINDS = {
+    "ingredients": list,
+    "pantry": str,
+    "select": list,
+    "base_model": str,
+    "dtype": str,
+    "output": str,
+    "seed": int,
+    "allow_pickle": bool,
+    "trust_remote_code": bool,
+    "adapter_output": str,
+    "rank": int,
+}
 
 
 def lookup(name: Any, source: str | None = None) -> Declaration:
@@ -59,20 +73,9 @@ def lookup(name: Any, source: str | None = None) -> Declaration:
         return get_method(name)
     where = f"{source}: " if source else ""
     raise SoupError(
-        f"{where}unknown method {shown(name)}{did_you_mean(name, [*METHODS, *STRATEGIES])}; methods: "
+        f"{where}unknown method {brief(name)}{did_you_mean(name, [*METHODS, *STRATEGIES])}; methods: "
         f"{', '.join(sorted(METHODS))}; strategies: {', '.join(sorted(STRATEGIES))}"
     )
-
-
-def shown(value: Any) -> str:
-    """A short one-line repr of a value for an error message (long lists, mappings and strings are cut)."""
-    import reprlib
-
-    short = reprlib.Repr()
-    short.maxstring = short.maxother = 80
-    short.maxlist = short.maxtuple = short.maxdict = short.maxset = 8
-    short.maxlevel = 3
-    return short.repr(value)
 
 
 @dataclass
@@ -110,98 +113,114 @@ class Recipe:
                 "value` lines such as `method: uniform`, `ingredients: [...]`, `output: DIR`"
             )
         base = Path(base_dir) if base_dir is not None else Path.cwd()
-        name = _typed(data, "method", str, source)
-        if name is None:
-            raise SoupError(f"{source}: the recipe needs `method:`, e.g. method: uniform (see `hf-soup methods`)")
-        method = lookup(name, source)
-        recipe_keys = set(RECIPE_KEYS)
-        parameters = {key: value for key, value in data.items() if key not in recipe_keys}
-        unknown = [key for key in parameters if key not in method.parameters]
-        if unknown:
-            accepted = ", ".join(method.parameters) or "none"
-            hint = did_you_mean(unknown[0], [*RECIPE_KEYS, *method.parameters])
-            raise SoupError(
-                f"{source}: unknown key {shown(unknown[0])}{hint}; recipe keys: {', '.join(RECIPE_KEYS)}; parameters "
-                f"of {method.kind} {method.name!r}: {accepted}"
+        method, parameters = _method(data, source)
+        given = {key: _typed(data, key, kind, source) for key, kind in KINDS.items()}
+        _check_contents(given, source)
+        _check_output_format(given, data, source)
+        trust_remote_code = bool(given["trust_remote_code"])
+        evaluation = data.get("evaluation")
+        if evaluation is not None:
+            evaluation = Evaluation.from_mapping(
+                evaluation, base_dir=base, source=source, trust_remote_code=trust_remote_code
             )
 
         def path_of(key: str) -> Path | None:
-            value = _typed(data, key, str, source)
-            return None if value is None else (base / value).absolute()
+            return None if given[key] is None else (base / given[key]).absolute()
 
-        ingredients = _typed(data, "ingredients", list, source)
-        if ingredients is not None:
-            for i, item in enumerate(ingredients):
-                if not isinstance(item, str) or not item:
-                    raise SoupError(f"{source}: ingredients[{i}] must be a folder path (string), got {shown(item)}")
-        pantry = path_of("pantry")
-        select = _typed(data, "select", list, source)
-        if ingredients is not None and pantry is not None:
-            raise SoupError(f"{source}: give either `ingredients:` or `pantry:` (with optional `select:`), not both")
-        if ingredients is None and pantry is None:
-            raise SoupError(f"{source}: say what goes in the soup: `ingredients: [folder, ...]` or `pantry: DIR`")
-        if select is not None:
-            if pantry is None:
-                raise SoupError(f"{source}: `select:` picks ingredient ids of a pantry; add `pantry: DIR`")
-            if not select or not all(isinstance(i, str) for i in select):
-                raise SoupError(f"{source}: `select:` must be a non-empty list of ingredient ids (strings)")
-        dtype = _typed(data, "dtype", str, source)
-        if dtype is not None:
-            _parsed(parse_dtype, dtype, "dtype", source)
-        max_shard_size = data.get("max_shard_size")
-        if max_shard_size is None:
-            max_shard_size = "5GB"
-        if not isinstance(max_shard_size, (int, str)) or isinstance(max_shard_size, bool):
-            raise SoupError(
-                f"{source}: `max_shard_size` must be bytes or a size like '5GB', got {shown(max_shard_size)}"
-            )
-        _parsed(parse_size, max_shard_size, "max_shard_size", source)
-        seed = _typed(data, "seed", int, source)
-        if seed is not None and not 0 <= seed < SEEDS:
-            raise SoupError(f"{source}: `seed` must be an integer from 0 to {SEEDS - 1}, got {seed}")
-        adapter_output, rank = _typed(data, "adapter_output", str, source), _typed(data, "rank", int, source)
-        if adapter_output is not None and adapter_output not in ADAPTER_OUTPUTS:
-            raise SoupError(
-                f"{source}: adapter_output {adapter_output!r} is unknown; choose {', '.join(ADAPTER_OUTPUTS)}"
-            )
-        if (rank is not None or adapter_output == "svd") and (adapter_output != "svd" or rank is None or rank < 1):
-            raise SoupError(
-                f"{source}: adapter_output: svd goes with `rank:`, the rank of the compressed adapter (a positive "
-                f"integer); got adapter_output {adapter_output!r}, rank {rank!r}"
-            )
-        trust_remote_code = bool(_typed(data, "trust_remote_code", bool, source))
         recipe = cls(
             method=method.name,
-            ingredients=[(base / item).absolute() for item in ingredients or []],
-            pantry=pantry,
-            select=select,
+            ingredients=[(base / item).absolute() for item in given["ingredients"] or []],
+            pantry=path_of("pantry"),
+            select=given["select"],
             parameters=parameters,
             base_model=path_of("base_model"),
-            dtype=dtype,
+            dtype=given["dtype"],
             output=path_of("output"),
-            max_shard_size=max_shard_size,
-            seed=0 if seed is None else seed,
-            allow_pickle=bool(_typed(data, "allow_pickle", bool, source)),
+            max_shard_size="5GB" if data.get("max_shard_size") is None else data["max_shard_size"],
+            seed=given["seed"] or 0,
+            allow_pickle=bool(given["allow_pickle"]),
             trust_remote_code=trust_remote_code,
-            evaluation=None
-            if data.get("evaluation") is None
-            else Evaluation.from_mapping(
-                data["evaluation"], base_dir=base, source=source, trust_remote_code=trust_remote_code
-            ),
-            adapter_output=adapter_output,
-            rank=rank,
+            evaluation=evaluation,
+            adapter_output=given["adapter_output"],
+            rank=given["rank"],
             source=source,
             raw=dict(data),
         )
-        if (method.kind == "strategy" or getattr(method, "needs_data", False)) and recipe.evaluation is None:
-            raise SoupError(
-                f"{source}: {method.kind} {method.name!r} needs data: add an `evaluation:` section "
-                "(dataset, selection_split, metric; see README)"
-            )
-        written = method.written_method(parameters) if method.kind == "strategy" else method.name
-        if written is not None and get_method(written).needs_base and recipe.base_model is None:
-            raise SoupError(f"{source}: method {written!r} needs `base_model:` (the folder fine-tuning started from)")
+        _check_needs(method, recipe)
         return recipe
+
+
+def _method(data: Mapping[str, Any], source: str) -> tuple[Declaration, dict[str, Any]]:
+    """The recipe's method or strategy, and its parameters (the keys that are not recipe keys)."""
+    name = _typed(data, "method", str, source)
+    if name is None:
+        raise SoupError(f"{source}: the recipe needs `method:`, e.g. method: uniform (see `hf-soup methods`)")
+    method = lookup(name, source)
+    parameters = {key: value for key, value in data.items() if key not in RECIPE_KEYS}
+    unknown = [key for key in parameters if key not in method.parameters]
+    if unknown:
+        accepted = ", ".join(method.parameters) or "none"
+        hint = did_you_mean(unknown[0], [*RECIPE_KEYS, *method.parameters])
+        raise SoupError(
+            f"{source}: unknown key {brief(unknown[0])}{hint}; recipe keys: {', '.join(RECIPE_KEYS)}; parameters "
+            f"of {method.kind} {method.name!r}: {accepted}"
+        )
+    return method, parameters
+
+
+def _check_contents(given: dict[str, Any], source: str) -> None:
+    """What goes in the soup: `ingredients:` (folder paths), or `pantry:` with an optional `select:`."""
+    ingredients, pantry, select = given["ingredients"], given["pantry"], given["select"]
+    for i, item in enumerate(ingredients or []):
+        if not isinstance(item, str) or not item:
+            raise SoupError(f"{source}: ingredients[{i}] must be a folder path (string), got {brief(item)}")
+    if ingredients is not None and pantry is not None:
+        raise SoupError(f"{source}: give either `ingredients:` or `pantry:` (with optional `select:`), not both")
+    if ingredients is None and pantry is None:
+        raise SoupError(f"{source}: say what goes in the soup: `ingredients: [folder, ...]` or `pantry: DIR`")
+    if select is not None:
+        if pantry is None:
+            raise SoupError(f"{source}: `select:` picks ingredient ids of a pantry; add `pantry: DIR`")
+        if not select or not all(isinstance(i, str) for i in select):
+            raise SoupError(f"{source}: `select:` must be a non-empty list of ingredient ids (strings)")
+
+
+def _check_output_format(given: dict[str, Any], data: Mapping[str, Any], source: str) -> None:
+    """dtype, shard size, seed and the adapter output: values each key can take."""
+    if given["dtype"] is not None:
+        _parsed(parse_dtype, given["dtype"], "dtype", source)
+    max_shard_size = data.get("max_shard_size")
+    if max_shard_size is not None:
+        if not isinstance(max_shard_size, (int, str)) or isinstance(max_shard_size, bool):
+            raise SoupError(
+                f"{source}: `max_shard_size` must be bytes or a size like '5GB', got {brief(max_shard_size)}"
+            )
+        _parsed(parse_size, max_shard_size, "max_shard_size", source)
+    seed = given["seed"]
+    if seed is not None and not 0 <= seed < SEEDS:
+        raise SoupError(f"{source}: `seed` must be an integer from 0 to {SEEDS - 1}, got {seed}")
+    adapter_output, rank = given["adapter_output"], given["rank"]
+    if adapter_output is not None and adapter_output not in ADAPTER_OUTPUTS:
+        raise SoupError(f"{source}: adapter_output {adapter_output!r} is unknown; choose {', '.join(ADAPTER_OUTPUTS)}")
+    if (rank is not None or adapter_output == "svd") and (adapter_output != "svd" or rank is None or rank < 1):
+        raise SoupError(
+            f"{source}: adapter_output: svd goes with `rank:`, the rank of the compressed adapter (a positive "
+            f"integer); got adapter_output {adapter_output!r}, rank {rank!r}"
+        )
+
+
+def _check_needs(method: Declaration, recipe: Recipe) -> None:
+    """A strategy or data-driven method needs `evaluation:`; a method built on task vectors needs `base_model:`."""
+    if (method.kind == "strategy" or getattr(method, "needs_data", False)) and recipe.evaluation is None:
+        raise SoupError(
+            f"{recipe.source}: {method.kind} {method.name!r} needs data: add an `evaluation:` section "
+            "(dataset, selection_split, metric; see README)"
+        )
+    written = method.written_method(recipe.parameters) if method.kind == "strategy" else method.name
+    if written is not None and get_method(written).needs_base and recipe.base_model is None:
+        raise SoupError(
+            f"{recipe.source}: method {written!r} needs `base_model:` (the folder fine-tuning started from)"
+        )
 
 
 def _typed(data: Mapping[str, Any], key: str, kind: type, source: str) -> Any:
@@ -210,7 +229,7 @@ def _typed(data: Mapping[str, Any], key: str, kind: type, source: str) -> Any:
         return None
     if kind is int and isinstance(value, bool) or not isinstance(value, kind):
         raise SoupError(
-            f"{source}: `{key}` must be {KIND_NAMES[kind]}, got {type(value).__name__} {shown(value)} "
+            f"{source}: `{key}` must be {KIND_NAMES[kind]}, got {type(value).__name__} {brief(value)} "
             f"({RECIPE_KEYS[key]})"
         )
     return value
