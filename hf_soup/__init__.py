@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "SoupCallback": "callback",
-    "Soup": "builder",
+    "Soup": "soup",
     "SoupBuilder": "builder",
     "CheckpointReader": "checkpoint",
     "CheckpointWriter": "writer",
@@ -76,7 +76,7 @@ def __getattr__(name: str):
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .builder import Soup, SoupBuilder
+    from .builder import SoupBuilder
     from .callback import SoupCallback
     from .card import write_card
     from .checkpoint import CheckpointReader
@@ -90,5 +90,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from .pantry import Pantry
     from .recipe import Recipe, load_recipe
     from .scoring import Scorer
+    from .soup import Soup
     from .strategies import StrategyResult, Tasting, get_strategy, register_strategy
     from .writer import CheckpointWriter

@@ -3,65 +3,36 @@
 from __future__ import annotations
 
 import contextlib
-import datetime
 import json
 import logging
 import os
 import shutil
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .atomic import check_output_folder, staged_folder, write_json
-from .cache import cached_sha256
-from .card import explain_soup
-from .checkpoint import CheckpointReader, RenamedReader, TensorInfo, parse_dtype, weight_files
+from .adapters import cook_adapters
+from .atomic import check_output_folder
+from .checkpoint import CheckpointReader, RenamedReader, TensorInfo, parse_dtype
 from .comparison import choose
-from .compat import Plan, check_configs, plan_soup
+from .compat import check_configs
 from .errors import SoupError
-from .ingredient import Ingredient
 from .inspection import task_vector_geometry
-from .kitchen import Kitchen
-from .merge import stream_merge
-from .methods import get_method
-from .pantry import SKIPPED_FILES, Pantry
+from .merge import Parameters, Plan, plan_soup, stream_merge
+from .methods import Method, get_method
+from .preparation import Located, Selection, locate, open_kitchen, prepare_scorer, saved_tokenizer
 from .recipe import Recipe, load_recipe, lookup
 from .schedules import per_tensor
-from .scoring import Scorer, process_state
+from .scoring import Scorer
+from .soup import Soup, copy_side_files, staged_soup
 from .strategies import StrategyResult, Tasting
 from .writer import CheckpointWriter
 
 logger = logging.getLogger(__name__)
 
-SOUP_FORMAT = 1
-# Files of the first ingredient (or base model) that are not copied into the soup: weights are cooked, and these
-# describe a training run rather than the soup.
-NOT_COPIED = {"README.md", "soup.json", "trainer_state.json", "training_args.bin"}
 # The file beside a soup where a strategy keeps resumable state (the search strategy's Optuna study).
 STUDY_SUFFIX = ".study.log"
-
-
-@dataclass
-class Soup:
-    """A cooked soup: its folder and its `soup.json` record."""
-
-    path: Path
-    record: dict[str, Any]
-
-    def save_pretrained(self, save_directory: str | os.PathLike, *, max_shard_size="5GB", overwrite=False) -> Soup:
-        """Copy the soup to `save_directory` with its weights re-sharded (streamed, staged, renamed)."""
-        from .hub import save_soup
-
-        return save_soup(self.path, save_directory, max_shard_size=max_shard_size, overwrite=overwrite)
-
-    def push_to_hub(self, repo_id: str, *, private=None, revision=None, commit_message=None, token=None) -> str:
-        """Upload the soup folder to a Hub model repository in one commit; returns the commit URL (`hf_soup.hub`)."""
-        from .hub import push_to_hub
-
-        options = {"private": private, "revision": revision, "commit_message": commit_message, "token": token}
-        return push_to_hub(self.path, repo_id, **options)
 
 
 class SoupBuilder:
@@ -95,35 +66,9 @@ class SoupBuilder:
         builder.recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
         return builder
 
-    def ingredients(self) -> list[tuple[Ingredient, Path]]:
+    def ingredients(self) -> list[Located]:
         """The recipe's ingredients with their folders, in recipe order (pantry order for a whole pantry)."""
-        recipe = self.recipe
-        if recipe.pantry is not None:
-            if not (recipe.pantry / "pantry.json").is_file():
-                raise SoupError(
-                    f"{recipe.pantry} is not a pantry (no pantry.json); give the folder SoupCallback wrote"
-                )
-            pantry = Pantry(recipe.pantry)
-            chosen = pantry.list()
-            if recipe.select is not None:
-                chosen = [pantry.get(ingredient_id) for ingredient_id in recipe.select]
-            found = [(ingredient, pantry.location(ingredient)) for ingredient in chosen]
-        else:
-            found = []
-            for folder in recipe.ingredients:
-                if not folder.is_dir():
-                    raise SoupError(f"ingredient {folder} does not exist or is not a folder; check the path")
-                found.append((Ingredient.from_folder(folder), folder))
-        seen: dict[Path, str] = {}
-        for ingredient, folder in found:
-            real = folder.resolve()
-            if real in seen:
-                raise SoupError(
-                    f"ingredient {ingredient.id} is listed twice ({folder}); list each once, and use method: weighted "
-                    "to give one ingredient more weight"
-                )
-            seen[real] = ingredient.id
-        return found
+        return locate(self.recipe)
 
     def cook(
         self,
@@ -147,17 +92,15 @@ class SoupBuilder:
         if target is None:
             raise SoupError(f"{recipe.source}: no output folder; set `output:` in the recipe or pass --output DIR")
         check_output_folder(target, overwrite=overwrite)
-        declared = lookup(recipe.method)
-        found = self.ingredients()
-        if not found:
+        located = self.ingredients()
+        if not located:
             raise SoupError(f"{recipe.source}: the ingredient list is empty; give at least one model folder")
-        if any(ingredient.kind == "adapter" for ingredient, _ in found):  # peft LoRA adapters: soups in adapter space
-            from .adapters import cook_adapters
-
-            return cook_adapters(self, found, target, overwrite=overwrite, progress=progress, scorer=scorer)
-        parameters = declared.bind(recipe.parameters, len(found), source=recipe.source)
-        labels = [ingredient.id for ingredient, _ in found]
-        folders = [folder for _, folder in found]
+        if any(ingredient.kind == "adapter" for ingredient, _ in located):  # LoRA adapters: soups in adapter space
+            return cook_adapters(recipe, located, target, overwrite=overwrite, progress=progress, scorer=scorer)
+        declared = lookup(recipe.method)
+        parameters = declared.bind(recipe.parameters, len(located), source=recipe.source)
+        labels = [ingredient.id for ingredient, _ in located]
+        folders = [folder for _, folder in located]
         check_configs(
             folders + ([recipe.base_model] if recipe.base_model else []),
             labels + ["base_model"],
@@ -169,169 +112,145 @@ class SoupBuilder:
                 stack.enter_context(CheckpointReader(folder, allow_pickle=recipe.allow_pickle, label=label))
                 for label, folder in zip(labels, folders)
             ]
-            written = _written(declared, parameters)
-            needs_base = written is not None and written.needs_base
             base = None
             if recipe.base_model is not None:
                 base = stack.enter_context(
                     CheckpointReader(recipe.base_model, allow_pickle=recipe.allow_pickle, label="base_model")
                 )
-            layout = getattr(declared, "layout", None)
-            if layout is not None:  # a rearranging method: one renamed view of the ingredients' tensors
-                merged_from = [RenamedReader(readers, layout(parameters, readers))]
-                plan = Plan([TensorInfo(i.name, i.shape, dtype or i.dtype) for i in merged_from[0].infos()])
-            else:
-                merged_from = readers
-                plan = plan_soup(readers, dtype=dtype, base=base if needs_base else None)
-            extra: dict[str, Any] = {}
-            method, chosen = declared, list(range(len(found)))
-            method_parameters = per_tensor(parameters, getattr(declared, "scalar", []), readers[0].names())
-            weights = declared.mixing(parameters, len(found)) if getattr(declared, "mixing", None) else None
-            statistics = None
-            if getattr(declared, "needs_data", False):
-                statistics = self._statistics(declared, parameters, found, readers, scorer, target.parent, stack)
-            if declared.kind == "strategy":
-                storage = target.parent / f"{target.name}{STUDY_SUFFIX}"
-                result, extra = self._choose(declared, parameters, found, readers, base, scorer, storage)
-                method, method_parameters, chosen = get_method(result.method), result.parameters, result.chosen
-                coefficients = result.coefficients(len(found))
-                weights = coefficients if not callable(coefficients) else result.record.get("alpha_mean")
-            state = process_state()
-            if not state.is_main_process:  # under accelerate launch, only the main process writes
-                state.wait_for_everyone()
-                return Soup(target, {"method": declared.name, **extra})
-            hasher = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf_soup-sha256"))
-            digests = hasher.submit(_ingredient_digests, found, recipe.allow_pickle)
-            with staged_folder(target, overwrite=overwrite) as staging:
-                prefix = "adapter_model" if readers[0].files[0].name.startswith("adapter_model") else "model"
-                writer = CheckpointWriter(staging, plan.infos, max_shard_size=recipe.max_shard_size, prefix=prefix)
+            rearranged = getattr(declared, "layout", None) is not None  # passthrough: one renamed view
+            merged_from, plan = _plan(declared, parameters, readers, base, dtype)
+            decision = self._decide(declared, parameters, located, readers, base, scorer, target, stack)
+            with staged_soup(target, located, recipe, overwrite=overwrite) as staging:
+                if staging is None:  # under accelerate launch, only the main process writes
+                    return Soup(target, {"method": declared.name, **decision.sections})
+                method, chosen = decision.method, decision.chosen
+                writer = CheckpointWriter(
+                    staging.folder, plan.infos, max_shard_size=recipe.max_shard_size, prefix=_prefix(readers[0])
+                )
                 stream_merge(
-                    [merged_from[i] for i in chosen] if layout is None else merged_from,
+                    merged_from if rearranged else [merged_from[i] for i in chosen],
                     method,
-                    method_parameters,
+                    decision.parameters,
                     plan,
                     writer,
                     base=base if method.needs_base else None,
                     seed=recipe.seed,
                     progress=progress,
-                    statistics=statistics,
+                    statistics=decision.statistics,
                 )
                 files = writer.close()
-                source = folders[parameters["rest"]] if layout is not None else folders[0]
-                _copy_side_files(recipe.base_model or source, staging, dtype)
-                if getattr(declared, "configure", None) is not None and (staging / "config.json").is_file():
-                    config = declared.configure(json.loads((staging / "config.json").read_text()), parameters)
-                    (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-                record = self._record(found, digests.result(), declared, parameters, weights, plan.notes, files)
-                record.update(extra)
+                source = folders[parameters["rest"]] if rearranged else folders[0]
+                copy_side_files(recipe.base_model or source, staging.folder, dtype)
+                if getattr(declared, "configure", None) is not None and (staging.folder / "config.json").is_file():
+                    config = declared.configure(json.loads((staging.folder / "config.json").read_text()), parameters)
+                    (staging.folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+                sections = dict(decision.sections)
                 if declared.kind == "strategy":  # figure 5's data: angles between task vectors, streamed
-                    record["task_vectors"] = task_vector_geometry(readers, base, labels=labels).to_dict()
-                write_json(staging / "soup.json", record)
-                explain_soup(staging, output=target)  # figures 1, 2, 5 (strategies) and the README.md model card
-            state.wait_for_everyone()
+                    sections["task_vectors"] = task_vector_geometry(readers, base, labels=labels).to_dict()
+                record = staging.finish(
+                    declared.name, parameters, weights=decision.weights, notes=plan.notes, files=files, **sections
+                )
         logger.info("soup written to %s", target)
         return Soup(target, record)
 
-    def _scorer(self, found, scorer: Scorer | None) -> Scorer:
-        """The scorer given, or the one the recipe's `evaluation:` describes."""
-        if scorer is not None:
-            return scorer
-        if self.recipe.evaluation is None:
-            raise SoupError(f"{self.recipe.source}: this recipe scores models on data; add an `evaluation:` section")
-        return self.recipe.evaluation.scorer(_tokenizer(self.recipe.base_model or found[0][1]))
+    def _decide(self, declared, parameters, located, readers, base, scorer, target: Path, stack) -> Decision:
+        """What the soup is written with: the method and its per-tensor parameters, or what a strategy chose on one
+        resident model (then `sections` holds its choice and report for `soup.json`)."""
+        count = len(located)
+        statistics = None
+        if getattr(declared, "needs_data", False):
+            statistics = self._statistics(declared, parameters, located, readers, scorer, target.parent, stack)
+        if declared.kind != "strategy":
+            weights = declared.mixing(parameters, count) if getattr(declared, "mixing", None) else None
+            per = per_tensor(parameters, getattr(declared, "scalar", []), readers[0].names())
+            return Decision(declared, per, list(range(count)), weights, {}, statistics)
+        storage = target.parent / f"{target.name}{STUDY_SUFFIX}"
+        result, sections = self._choose(declared, parameters, located, readers, base, scorer, storage)
+        coefficients = result.coefficients(count)
+        weights = coefficients if not callable(coefficients) else result.record.get("alpha_mean")
+        method = get_method(result.method)
+        return Decision(method, result.parameters, result.chosen, weights, sections, statistics)
 
-    def _kitchen(self, found, scorer: Scorer) -> Kitchen:
-        """The one resident model, placed as the recipe's `evaluation:` says."""
-        evaluation = self.recipe.evaluation
-        options = evaluation.placement() if evaluation else {}
-        return Kitchen(found[0][1], scorer.task, trust_remote_code=self.recipe.trust_remote_code, **options)
-
-    def _statistics(self, method, parameters, found, readers, scorer, where: Path, stack) -> list[Any]:
+    def _statistics(self, method, parameters, located, readers, scorer, where: Path, stack) -> list[Any]:
         """Run the method's statistics hook with each ingredient in the resident model; spill each ingredient's
         statistics to a temporary safetensors file (one ingredient's worth in memory at a time) and return
         handles that read them back per tensor."""
         from safetensors import safe_open
         from safetensors.torch import save_file
 
-        scorer = self._scorer(found, scorer)
-        split = self.recipe.evaluation.selection_split if self.recipe.evaluation else next(iter(scorer.splits))
+        recipe = self.recipe
+        scorer = prepare_scorer(recipe, saved_tokenizer(recipe.base_model or located[0].folder), scorer)
+        selection = Selection.of(recipe.evaluation, scorer)
         folder = Path(tempfile.mkdtemp(prefix=".hf_soup-statistics-", dir=where if where.is_dir() else None))
         stack.callback(shutil.rmtree, folder, True)
         handles = []
-        with self._kitchen(found, scorer) as kitchen:
+        with open_kitchen(recipe, located[0].folder, scorer, selection) as kitchen:
             for index, reader in enumerate(readers):
                 kitchen.load((name, reader.get(name)) for name in reader.names())
-                values = method.statistics(kitchen, scorer, split, parameters)
+                values = method.statistics(kitchen, scorer, selection.split, parameters)
                 save_file({k: v.contiguous() for k, v in values.items()}, str(folder / f"{index}.safetensors"))
                 handles.append(stack.enter_context(safe_open(str(folder / f"{index}.safetensors"), "pt")))
         return handles
 
     def _choose(
-        self, strategy, parameters, found, readers, base, scorer, storage: Path
+        self, strategy, parameters, located, readers, base, scorer, storage: Path
     ) -> tuple[StrategyResult, dict[str, Any]]:
         """Run a strategy on one resident model; returns its result and the record (choice and report).
 
         `storage` is the file beside the soup where a strategy keeps resumable state (`search`'s study)."""
-        evaluation = self.recipe.evaluation
-        scorer = self._scorer(found, scorer)
-        selection = evaluation.selection_split if evaluation else next(iter(scorer.splits))
-        report_splits = evaluation.report_splits if evaluation else [s for s in scorer.splits if s != selection]
-        compared = evaluation.compare if evaluation else ["uniform", "ensemble"]
-        with self._kitchen(found, scorer) as kitchen:
+        recipe = self.recipe
+        scorer = prepare_scorer(recipe, saved_tokenizer(recipe.base_model or located[0].folder), scorer)
+        selection = Selection.of(recipe.evaluation, scorer)
+        with open_kitchen(recipe, located[0].folder, scorer, selection) as kitchen:
+            ingredients = [ingredient for ingredient, _ in located]
             tasting = Tasting(
-                [ingredient for ingredient, _ in found],
+                ingredients,
                 readers,
                 kitchen,
                 scorer,
-                selection,
-                reuse_recorded=evaluation.reuse_recorded_scores if evaluation else True,
+                selection.split,
+                reuse_recorded=selection.reuse_recorded,
                 base=base,
-                seed=self.recipe.seed,
+                seed=recipe.seed,
             )
             return choose(
                 strategy,
                 parameters,
                 tasting,
-                seed=self.recipe.seed,
-                report_splits=report_splits,
-                compared=compared,
+                seed=recipe.seed,
+                report_splits=selection.report_splits,
+                compared=selection.compared,
                 storage=storage,
             )
 
-    def _record(self, found, digests, declared, parameters, weights, notes, files) -> dict[str, Any]:
-        from . import __version__
 
-        weights = weights if weights is not None else [None] * len(found)
-        recipe = self.recipe
-        return {
-            "format": SOUP_FORMAT,
-            "hf_soup_version": __version__,
-            "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "method": declared.name,
-            "parameters": parameters,
-            "recipe": {"source": recipe.source, **_jsonable(recipe.raw)},
-            "base_model": str(recipe.base_model) if recipe.base_model else None,
-            "dtype": recipe.dtype,
-            "seed": recipe.seed,
-            "ingredients": [
-                {
-                    "id": ingredient.id,
-                    "path": str(folder),
-                    "kind": ingredient.kind,
-                    "weight": weight,
-                    "sha256": digest,
-                    "run": ingredient.run,
-                    "metric": ingredient.metric,
-                    "value": ingredient.value,
-                    "split": ingredient.split,
-                    "hyperparameters": ingredient.hyperparameters,
-                    "base_model": ingredient.base_model,
-                }
-                for (ingredient, folder), digest, weight in zip(found, digests, weights)
-            ],
-            "notes": notes,
-            "files": sorted(path.name for path in files),
-        }
+@dataclass
+class Decision:
+    """What a full-model soup is written with (see `SoupBuilder._decide`)."""
+
+    method: Method
+    parameters: Parameters
+    chosen: list[int]
+    weights: Any
+    sections: dict[str, Any]
+    statistics: list[Any] | None
+
+
+def _plan(declared, parameters, readers, base, dtype) -> tuple[list, Plan]:
+    """The readers the soup is streamed from and its plan (tensor names, shapes, output dtypes), checked before
+    any tensor is read. A rearranging method (`passthrough`) reads one renamed view of the ingredients."""
+    layout = getattr(declared, "layout", None)
+    if layout is not None:
+        merged_from = [RenamedReader(readers, layout(parameters, readers))]
+        return merged_from, Plan([TensorInfo(i.name, i.shape, dtype or i.dtype) for i in merged_from[0].infos()])
+    written = _written(declared, parameters)
+    needs_base = written is not None and written.needs_base
+    return readers, plan_soup(readers, dtype=dtype, base=base if needs_base else None)
+
+
+def _prefix(reader: CheckpointReader) -> str:
+    """The weight files' name: `adapter_model` for peft folders, else `model`."""
+    return "adapter_model" if reader.files[0].name.startswith("adapter_model") else "model"
 
 
 def _written(declared, parameters: dict[str, Any]):
@@ -341,51 +260,3 @@ def _written(declared, parameters: dict[str, Any]):
         return declared
     name = declared.written_method(parameters)
     return get_method(name) if name is not None else None
-
-
-def _tokenizer(folder: Path):
-    """The tokenizer saved in a model folder, or `None` when it has none."""
-    names = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model")
-    if not any((folder / name).is_file() for name in names):
-        return None
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(folder)
-
-
-def _ingredient_digests(found: list[tuple[Ingredient, Path]], allow_pickle: bool) -> list[dict[str, str]]:
-    """sha256 of each ingredient's weight files: from the pantry ledger where recorded, else from the digest cache
-    (`hf_soup.cache`) or computed."""
-    digests = []
-    for ingredient, folder in found:
-        if ingredient.sha256:
-            digests.append(dict(ingredient.sha256))
-        else:
-            digests.append(cached_sha256(list(weight_files(folder, allow_pickle=allow_pickle))))
-    return digests
-
-
-def _copy_side_files(source: Path, staging: Path, dtype) -> None:
-    """Copy config, generation config and tokenizer files; record a chosen output dtype in the config."""
-    weights = {path.name for path in weight_files(source, allow_pickle=True)}
-    index_names = {"model.safetensors.index.json", "pytorch_model.bin.index.json"}
-    for item in sorted(source.iterdir()):
-        if (
-            item.is_file()
-            and item.name not in weights | index_names | NOT_COPIED
-            and not SKIPPED_FILES.match(item.name)
-            and not (staging / item.name).exists()
-        ):
-            shutil.copy2(item, staging / item.name)
-    config_path = staging / "config.json"
-    if dtype is not None and config_path.is_file():
-        config = json.loads(config_path.read_text())
-        name = str(dtype).removeprefix("torch.")
-        for key in ("dtype", "torch_dtype"):
-            if key in config or key == "dtype":
-                config[key] = name
-        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=str))

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import write_text
-from .errors import SoupError
+from .plots import FIGURES, INSTALL_HINT, draw_report_figures
+from .record import read_record
 
 TAGS = ["hf_soup", "model-soup", "merge"]
 PIPELINES = {
@@ -39,17 +40,6 @@ ARCHITECTURES = {
 PAPER = "https://arxiv.org/abs/2203.05482"
 BUILDERS = {"csv", "json", "parquet", "text", "arrow", "pandas", "sql", "imagefolder", "audiofolder", "webdataset"}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
-
-def read_record(folder: str | os.PathLike) -> dict[str, Any]:
-    """The `soup.json` of a soup folder."""
-    path = Path(folder) / "soup.json"
-    if not path.is_file():
-        raise SoupError(f"{folder} is not a soup folder (no soup.json); give a folder that hf-soup cook wrote")
-    try:
-        return json.loads(path.read_text())
-    except ValueError as error:
-        raise SoupError(f"{path} is not valid JSON ({error}); cook the soup again") from None
 
 
 def _base_models(record: dict[str, Any], folder: Path) -> list[str]:
@@ -237,8 +227,6 @@ def _rebuild(record: dict[str, Any], name: str) -> list[str]:
 
 
 def _figures(record: dict[str, Any], folder: Path, shown: Path) -> list[str]:
-    from .plots import FIGURES, INSTALL_HINT
-
     names = [n for n in FIGURES if (folder / n).is_file()]
     names += sorted(p.name for p in folder.glob("*.png") if p.name not in FIGURES and not p.name.startswith("."))
     if not names:
@@ -324,8 +312,6 @@ def write_card(soup_dir: str | os.PathLike, *, output: str | os.PathLike | None 
 
 def explain_soup(soup_dir: str | os.PathLike, *, output: str | os.PathLike | None = None) -> None:
     """What every cook ends with: figures 1, 2 and 5 from `soup.json` (strategy soups), then the model card."""
-    from .plots import draw_report_figures
-
     record = read_record(soup_dir)
     if record.get("report") or record.get("task_vectors"):
         draw_report_figures(soup_dir)

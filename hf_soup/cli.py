@@ -125,7 +125,8 @@ def _plot(args: argparse.Namespace) -> int:
     from . import plots
 
     if args.kind == "report":
-        from .card import read_record, write_card
+        from .card import write_card
+        from .record import read_record
 
         read_record(args.target)
         written = plots.draw_report_figures(args.target)
@@ -136,8 +137,10 @@ def _plot(args: argparse.Namespace) -> int:
             )
         write_card(args.target)
     else:
+        from .recipe_plots import plot_recipe
+
         written = [
-            plots.plot_recipe(
+            plot_recipe(
                 args.kind,
                 args.target,
                 output=args.output,

@@ -17,15 +17,16 @@ Example:
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
 from pathlib import Path
 
-from .atomic import STAGING_PREFIX, staged_folder, write_json
+from .atomic import STAGING_PREFIX, staged_folder
+from .card import card_text
 from .checkpoint import SAFE_INDEX, CheckpointReader, parse_size, weight_files
 from .errors import SoupError
+from .record import read_record, write_record
 from .writer import CheckpointWriter, plan_shards
 
 logger = logging.getLogger(__name__)
@@ -35,27 +36,19 @@ LOGIN_HINT = (
 )
 
 
-def _soup_folder(soup_dir: str | os.PathLike) -> Path:
-    folder = Path(soup_dir)
-    if not (folder / "soup.json").is_file():
-        raise SoupError(f"{folder} is not a soup folder (no soup.json); give a folder that hf-soup cook wrote")
-    return folder
-
-
 def save_soup(
     soup_dir: str | os.PathLike, save_directory: str | os.PathLike, *, max_shard_size="5GB", overwrite=False
 ):
-    """Copy a soup folder to `save_directory` with its weights re-sharded to `max_shard_size`; returns the `Soup`.
+    """Copy a soup folder to `save_directory` with its weights re-sharded to `max_shard_size`; returns the copy's
+    `soup.json` record (`Soup.save_pretrained` wraps it in a `Soup`).
 
     Tensors are streamed one at a time into a staging folder beside the target, the other files are copied, and the
     folder is renamed when complete (`overwrite=True` replaces an existing target, the soup's own folder included).
     """
-    from .builder import Soup
-
-    source, target = _soup_folder(soup_dir).absolute(), Path(save_directory).absolute()
+    source, target = Path(soup_dir).absolute(), Path(save_directory).absolute()
+    record = read_record(source)
     if source == target and not overwrite:
         raise SoupError(f"{target} is the soup's own folder; pass overwrite=True to re-shard it in place")
-    record = json.loads((source / "soup.json").read_text())
     weights = {path.name for path in weight_files(source)} | set(SAFE_INDEX) | {"adapter_model.safetensors.index.json"}
     with CheckpointReader(source, label=source.name) as reader, staged_folder(target, overwrite=overwrite) as staging:
         prefix = "adapter_model" if reader.files[0].name.startswith("adapter_model") else "model"
@@ -79,9 +72,9 @@ def save_soup(
             else:
                 shutil.copy2(item, staging / item.name)
         record["files"] = sorted(writer.filenames + ([writer.index_name] if writer.index_name else []))
-        write_json(staging / "soup.json", record)
+        record = write_record(staging, record)
     logger.info("soup saved to %s (%d weight files)", target, len(writer.filenames))
-    return Soup(target, record)
+    return record
 
 
 def _upload_paths(folder: Path) -> list[Path]:
@@ -150,9 +143,7 @@ def push_to_hub(
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
-    from .card import card_text, read_record
-
-    folder = _soup_folder(soup_dir)
+    folder = Path(soup_dir)
     record = read_record(folder)
     try:
         validate_repo_id(repo_id)

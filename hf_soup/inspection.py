@@ -29,9 +29,10 @@ from typing import Any
 import torch
 
 from .checkpoint import FLOAT_DTYPES, CheckpointReader
-from .compat import check_configs, plan_soup
+from .compat import check_configs
 from .errors import SoupError
 from .ingredient import config_hash, detect_kind
+from .merge import plan_soup
 
 logger = logging.getLogger(__name__)
 

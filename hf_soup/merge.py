@@ -3,25 +3,112 @@
 The engine owns what methods must not care about: I/O, dtypes (inputs to fp32, output in the planned dtype),
 non-floating tensors (copied, checked equal), finiteness, seeds and progress. Peak memory is about
 (k + 3) × the largest tensor: k inputs, the output, its cast, and one tensor being written by the writer thread.
+Before anything is written, `plan_soup` checks names, shapes and dtypes across the ingredients (headers only) and
+decides each output tensor's dtype.
 """
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import zlib
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from .checkpoint import FLOAT_DTYPES, CheckpointReader
-from .compat import Plan
+from .checkpoint import FLOAT_DTYPES, CheckpointReader, TensorInfo
 from .errors import SoupError
 from .methods import Method
 from .writer import CheckpointWriter
 
+logger = logging.getLogger(__name__)
 Parameters = Mapping[str, Any] | Callable[[str], Mapping[str, Any]]
+
+
+@dataclass
+class Plan:
+    """What the soup will hold: one `TensorInfo` per output tensor, and notes on what was decided."""
+
+    infos: list[TensorInfo]
+    notes: list[str] = field(default_factory=list)
+
+
+def plan_soup(
+    readers: Sequence[CheckpointReader],
+    *,
+    dtype: torch.dtype | None = None,
+    base: CheckpointReader | None = None,
+) -> Plan:
+    """Check names, shapes and dtypes across ingredients and decide each output tensor's dtype.
+
+    Args:
+        readers: one per ingredient, in recipe order.
+        dtype: the output dtype for floating tensors; `None` keeps the first ingredient's dtype per tensor.
+        base: the base model, when the method needs one (it must have every tensor too).
+    """
+    if not readers:
+        raise SoupError("no ingredients: give at least one model folder (ingredients: [...]) or a pantry")
+    first = readers[0]
+    names = first.names()
+    wanted = set(names)
+    for reader in [*readers[1:], *([base] if base is not None else [])]:
+        have = set(reader.names())
+        missing, extra = sorted(wanted - have), sorted(have - wanted)
+        if missing or extra:
+            what = f"lacks {_few(missing)}" if missing else f"has extra {_few(extra)}"
+            raise SoupError(
+                f"ingredient {reader.label} {what} compared with {first.label}; ingredients must have the same "
+                "tensors (same architecture, same tied-weight setting, same adapter targets)"
+            )
+    notes = []
+    mixed: set[tuple[torch.dtype, ...]] = set()
+    infos = []
+    for name in names:
+        reference = first.info(name)
+        for reader in [*readers[1:], *([base] if base is not None else [])]:
+            info = reader.info(name)
+            if info.shape != reference.shape:
+                raise SoupError(
+                    f"ingredient {reader.label}: tensor {name} has shape {list(info.shape)} but {first.label} has "
+                    f"{list(reference.shape)}; ingredients must come from one architecture (vocab size, heads, ...)"
+                )
+            is_float = info.dtype in FLOAT_DTYPES
+            if is_float != (reference.dtype in FLOAT_DTYPES):
+                raise SoupError(
+                    f"ingredient {reader.label}: tensor {name} is {info.dtype} but {first.label} has "
+                    f"{reference.dtype}; a tensor must be floating in every ingredient or in none"
+                )
+            if not is_float and info.dtype != reference.dtype:
+                raise SoupError(
+                    f"ingredient {reader.label}: non-floating tensor {name} is {info.dtype} but {first.label} "
+                    f"has {reference.dtype}"
+                )
+        if reference.dtype in FLOAT_DTYPES:
+            dtypes = tuple(sorted({str(r.info(name).dtype) for r in readers}))
+            if len(dtypes) > 1:
+                mixed.add(dtypes)
+            infos.append(TensorInfo(name, reference.shape, dtype or reference.dtype))
+        else:
+            infos.append(reference)
+    if mixed:
+        target = f"{dtype}" if dtype is not None else f"the dtype of {first.label} for each tensor"
+        notes.append(
+            f"ingredients mix dtypes ({'; '.join(', '.join(m) for m in sorted(mixed))}): every tensor is averaged "
+            f"in float32 and written as {target}; set `dtype:` to choose"
+        )
+    if len(readers) == 1:
+        notes.append(f"only one ingredient ({first.label}): the soup is that model")
+    for note in notes:
+        logger.warning(note)
+    return Plan(infos, notes)
+
+
+def _few(names: list[str]) -> str:
+    shown = ", ".join(names[:3])
+    return f"{shown} (+{len(names) - 3} more)" if len(names) > 3 else shown
 
 
 def tensor_generator(seed: int, name: str) -> torch.Generator:

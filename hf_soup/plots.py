@@ -3,15 +3,14 @@ own soups.
 
 Each figure is two functions: one computes its data (plain numbers: what the tests check), one draws the data into a
 PNG. Figures 1, 2 and 5 come from data a strategy cook already has (`draw_report_figures`, run at the end of every
-strategy cook and by `hf-soup plot report`); 3 and 4 need many evaluations and are drawn on demand
-(`hf-soup plot interpolation|landscape|angles RECIPE`). matplotlib is optional (`pip install 'hf_soup[plots]'`); it is
+strategy cook and by `hf-soup plot report`); 3 and 4 need many evaluations and are drawn on demand from a recipe
+(`hf-soup plot interpolation|landscape|angles RECIPE`, `hf_soup.recipe_plots`). This module draws from records and
+tastings only. matplotlib is optional (`pip install 'hf_soup[plots]'`); it is
 imported only to draw, with the Agg canvas (no pyplot, no global backend change).
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import math
 import os
@@ -19,10 +18,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .atomic import write_json
 from .checkpoint import FLOAT_DTYPES, CheckpointReader
 from .errors import SoupError
 from .inspection import task_vector_geometry
+from .record import read_record
 
 logger = logging.getLogger(__name__)
 
@@ -367,7 +366,7 @@ def draw_report_figures(soup_dir: str | os.PathLike) -> list[Path]:
     Without matplotlib nothing is drawn (a warning says how to install it) and the cook goes on.
     """
     folder = Path(soup_dir)
-    record = json.loads((folder / "soup.json").read_text())
+    record = read_record(folder)
     jobs = [
         (report_scores(record), plot_scores, "figure_scores.png"),
         (greedy_trace(record), plot_trace, "figure_trace.png"),
@@ -383,74 +382,3 @@ def draw_report_figures(soup_dir: str | os.PathLike) -> list[Path]:
     except SoupError as error:
         logger.warning("figures skipped: %s", error)
     return written
-
-
-# -- on demand, from a recipe (hf-soup plot interpolation|landscape|angles) -------------------------------------------
-@contextlib.contextmanager
-def recipe_tasting(recipe):
-    """The recipe's ingredients in a `Tasting` on one resident model, scored on its `evaluation:` data."""
-    from .builder import SoupBuilder
-    from .compat import check_configs
-    from .strategies import Tasting
-
-    builder = SoupBuilder.from_recipe(recipe)
-    found = builder.ingredients()
-    if not found or any(ingredient.kind == "adapter" for ingredient, _ in found):
-        raise SoupError("these figures need full-model ingredients (no adapters) in the recipe")
-    labels, folders = [i.id for i, _ in found], [folder for _, folder in found]
-    check_configs(folders, labels, trust_remote_code=builder.recipe.trust_remote_code)
-    with contextlib.ExitStack() as stack:
-        readers = [stack.enter_context(CheckpointReader(f, label=label)) for f, label in zip(folders, labels)]
-        scorer = builder._scorer(found, None)
-        kitchen = stack.enter_context(builder._kitchen(found, scorer))
-        evaluation = builder.recipe.evaluation
-        split = evaluation.selection_split if evaluation else next(iter(scorer.splits))
-        yield builder, Tasting([i for i, _ in found], readers, kitchen, scorer, split, reuse_recorded=False)
-
-
-def plot_recipe(kind: str, recipe, *, output=None, pair=None, base=None, split=None, **options) -> Path:
-    """`hf-soup plot interpolation|landscape|angles`: compute the data, write `figure_<kind>.png` and its numbers
-    (`figure_<kind>.json`) into `output` (default: the recipe's soup folder), and refresh the card there.
-
-    `options`: `steps` (points along α, default 11), `grid` (points per axis, default 11) and `span` (default
-    (-0.5, 1.5)) of the landscape, `gains` (angles: also score the soup of every pair).
-    """
-    steps, grid, span = options.get("steps", 11), options.get("grid", 11), options.get("span", (-0.5, 1.5))
-    with recipe_tasting(recipe) as (builder, tasting):
-        target = Path(output) if output is not None else builder.recipe.output
-        if target is None or not target.is_dir():
-            raise SoupError(f"no folder to draw into ({target}); cook the recipe first or pass --output DIR")
-        ids = [i.id for i in tasting.ingredients]
-        index = []
-        for name in pair or []:
-            if name not in ids:
-                raise SoupError(f"no ingredient {name!r} in the recipe; its ingredients: {', '.join(ids)}")
-            index.append(ids.index(name))
-        if kind in ("interpolation", "landscape") and not pair:  # default: the two best by selection score
-            index = tasting.ranking()[:2]
-        if kind in ("interpolation", "landscape") and len(index) != 2:
-            raise SoupError(f"plot {kind} needs --pair A B (two of: {', '.join(ids)})")
-        base = base or builder.recipe.base_model
-        with contextlib.ExitStack() as stack:
-            reader = stack.enter_context(CheckpointReader(base, label="base")) if base is not None else None
-            if kind == "interpolation":
-                splits = [split] if split else list(tasting.scorer.splits)
-                alphas = [n / (steps - 1) for n in range(steps)] if steps > 1 else [0.0, 1.0]
-                data, draw = interpolation_curve(tasting, *index, alphas, splits=splits), plot_interpolation
-            elif kind == "landscape":
-                if reader is None:
-                    raise SoupError("plot landscape needs the base model θ₀: set `base_model:` or pass --base DIR")
-                data, draw = landscape(tasting, reader, *index, grid=grid, span=span, split=split), plot_landscape
-            elif kind == "angles":
-                data = task_vector_angles(tasting.readers, reader, labels=ids)
-                data["gains"] = pair_gains(tasting, split=split) if options.get("gains") else None
-                draw = lambda d, path: plot_angles(d, path, d["gains"])  # noqa: E731
-            else:
-                raise SoupError(f"unknown figure {kind!r}; choose report, interpolation, landscape or angles")
-    write_json(target / f"figure_{kind}.json", data)
-    path = draw(data, target / f"figure_{kind}.png")
-    if (target / "soup.json").is_file():
-        from .card import write_card
-
-        write_card(target)
-    return path

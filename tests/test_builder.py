@@ -260,7 +260,7 @@ def test_interrupted_cook_leaves_previous_output(tmp_path, make_ingredients, mon
     def explode(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(hf_soup.builder, "_copy_side_files", explode)
+    monkeypatch.setattr(hf_soup.builder, "copy_side_files", explode)
     with pytest.raises(KeyboardInterrupt):
         SoupBuilder(folders, method="weighted", weights=[1, 2]).cook(output, overwrite=True, progress=False)
     assert (output / "model.safetensors").read_bytes() == before

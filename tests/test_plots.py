@@ -113,6 +113,7 @@ def test_task_vector_angles_and_pair_gains(tasting, folders, tmp_path):
 
 
 RECORD = {
+    "format": 1,
     "method": "greedy",
     "ingredients": [{"id": "a"}, {"id": "b"}, {"id": "c"}],
     "strategy": {

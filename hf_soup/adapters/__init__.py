@@ -28,6 +28,7 @@ Example:
 from .algebra import concat_factors, delta_weight, naive_factors, norm_squared, truncated_svd
 from .cooking import cook_adapters
 from .reading import Adapter, LoraModule, check_same_base, check_soupable, read_adapter, resolve_base
+from .tasting import AdapterTasting
 from .writing import OUTPUTS, unit_names, write_adapter, write_merged
 
 __all__ = [
@@ -49,11 +50,3 @@ __all__ = [
     "write_adapter",
     "write_merged",
 ]
-
-
-def __getattr__(name: str):
-    if name == "AdapterTasting":  # imports the kitchen and the strategies: only when asked for
-        from .tasting import AdapterTasting
-
-        return AdapterTasting
-    raise AttributeError(f"module 'hf_soup.adapters' has no attribute {name!r}")

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from .. import comparison
-from ..atomic import staged_folder, write_json
-from ..card import explain_soup
 from ..checkpoint import CheckpointReader, parse_dtype
 from ..compat import check_configs
 from ..errors import SoupError
-from ..ingredient import Ingredient
+from ..methods.registry import Declaration
+from ..preparation import Located, Selection, prepare_scorer, saved_tokenizer
+from ..recipe import Recipe, lookup
+from ..scoring import Scorer
+from ..soup import Soup, copy_side_files, staged_soup
 from .reading import Adapter, check_against_base, check_same_base, read_adapter, resolve_base
+from .tasting import AdapterTasting
 from .writing import OUTPUTS, full_names, unit_names, write_adapter, write_merged
 
 logger = logging.getLogger(__name__)
@@ -23,20 +25,91 @@ LINEAR_METHODS = ("uniform", "weighted")
 
 
 def cook_adapters(
-    builder, found: list[tuple[Ingredient, Path]], target: Path, *, overwrite: bool, progress: bool, scorer=None
-):
-    """Cook the recipe of `builder` over peft LoRA adapters into `target`; returns a `Soup`.
+    recipe: Recipe,
+    located: list[Located],
+    target: Path,
+    *,
+    overwrite: bool,
+    progress: bool,
+    scorer: Scorer | None = None,
+) -> Soup:
+    """Cook `recipe` over peft LoRA adapters into `target`; returns a `Soup`.
 
     The weights come from the method (`uniform`, `weighted`) or the strategy (`greedy`, `learned`, tasted on one base
     model holding every adapter); the soup is written as `adapter_output` says: `concat` (default, exact),
     `svd` (rank `rank`, error reported), `merged` (a full model) or `naive` (A and B averaged: an approximation).
     """
-    from ..builder import Soup, _ingredient_digests
-    from ..recipe import lookup
-    from ..scoring import process_state
+    declared, output = _check_recipe(recipe, located)
+    count = len(located)
+    parameters = declared.bind(recipe.parameters, count, source=recipe.source)
+    dtype = parse_dtype(recipe.dtype) if recipe.dtype else None
+    with contextlib.ExitStack() as stack:
+        adapters = []
+        for ingredient, folder in located:
+            adapters.append(read_adapter(folder, ingredient.id, allow_pickle=recipe.allow_pickle))
+            stack.callback(adapters[-1].reader.close)
+        base_folder = _base_folder(recipe, declared, adapters, output)
+        base = None
+        if base_folder is not None:  # its config and tokenizer, like a full soup's ingredients: no custom code unasked
+            check_configs([Path(base_folder)], ["base_model"], trust_remote_code=recipe.trust_remote_code)
+            base = stack.enter_context(
+                CheckpointReader(base_folder, allow_pickle=recipe.allow_pickle, label="base_model")
+            )
+            check_against_base(adapters, base)
+        sections: dict[str, Any] = {}
+        if declared.kind == "strategy":
+            result, sections = choose(recipe, declared, parameters, located, adapters, base_folder, scorer)
+            coefficients = result.coefficients(count)
+            weights = coefficients if not callable(coefficients) else result.record.get("alpha_mean")
+        else:
+            weights = declared.mixing(parameters, count)
+            coefficients = weights
+        base_name = str(base_folder) if base_folder is not None else adapters[0].base_name
+        with staged_soup(target, located, recipe, overwrite=overwrite) as staging:
+            if staging is None:  # under accelerate launch, only the main process writes
+                return Soup(target, {"method": declared.name, **sections})
+            if output == "merged":
+                files = write_merged(
+                    staging.folder,
+                    adapters,
+                    coefficients,
+                    base,
+                    dtype=dtype,
+                    max_shard_size=recipe.max_shard_size,
+                    progress=progress,
+                )
+                approximation = {"adapter_output": "merged"}
+                copy_side_files(base_folder, staging.folder, dtype)
+            else:
+                files, approximation = write_adapter(
+                    staging.folder,
+                    adapters,
+                    coefficients,
+                    output=output,
+                    rank=recipe.rank,
+                    base=base,
+                    base_name=base_name,
+                    dtype=dtype,
+                )
+                copy_side_files(adapters[0].folder, staging.folder, None)
+            record = staging.finish(
+                declared.name,
+                parameters,
+                weights=weights,
+                notes=_notes(adapters, weights, output, approximation),
+                files=files,
+                base_model=base_name,
+                adapters={a.label: a.summary() for a in adapters},
+                **approximation,
+                **sections,
+            )
+    logger.info("adapter soup written to %s", target)
+    return Soup(target, record)
 
-    recipe = builder.recipe
-    full = [ingredient.id for ingredient, _ in found if ingredient.kind != "adapter"]
+
+def _check_recipe(recipe: Recipe, located: list[Located]) -> tuple[Declaration, str]:
+    """The recipe's method or strategy and its adapter output, refused when adapters cannot be souped that way."""
+    full = [ingredient.id for ingredient, _ in located if ingredient.kind != "adapter"]
     if full:
         raise SoupError(
             f"ingredients {', '.join(full)} are full models but the others are peft adapters; soup adapters with "
@@ -51,95 +124,29 @@ def cook_adapters(
     output = recipe.adapter_output or "concat"
     if output == "svd" and recipe.rank is None:
         raise SoupError(f"{recipe.source}: adapter_output: svd needs `rank:` (the rank of the compressed adapter)")
-    count = len(found)
-    parameters = declared.bind(recipe.parameters, count, source=recipe.source)
-    dtype = parse_dtype(recipe.dtype) if recipe.dtype else None
-    with contextlib.ExitStack() as stack:
-        adapters = []
-        for ingredient, folder in found:
-            adapters.append(read_adapter(folder, ingredient.id, allow_pickle=recipe.allow_pickle))
-            stack.callback(adapters[-1].reader.close)
-        check_same_base(adapters, recipe.base_model)
-        named = next((a.base_name for a in adapters if a.base_name), None)
-        base_folder = recipe.base_model or resolve_base(named)
-        partial_heads = [n for n in full_names(adapters) if not all(n in a.full for a in adapters)]
-        if base_folder is None and (output == "merged" or declared.kind == "strategy" or partial_heads):
-            why = (
-                "adapter_output: merged writes base + soup"
-                if output == "merged"
-                else f"strategy {declared.name!r} scores the soup on the base model"
-                if declared.kind == "strategy"
-                else f"{partial_heads[0]} is missing from some adapters and its base value stands in"
-            )
-            raise SoupError(
-                f"{why}, so the base model folder is needed: set `base_model:` in the recipe (adapter_config.json of "
-                f"{adapters[0].label} names {named!r}, which is not a local folder or cached model)"
-            )
-        if base_folder is not None:  # its config and tokenizer, like a full soup's ingredients: no custom code unasked
-            check_configs([Path(base_folder)], ["base_model"], trust_remote_code=recipe.trust_remote_code)
-        base = (
-            stack.enter_context(CheckpointReader(base_folder, allow_pickle=recipe.allow_pickle, label="base_model"))
-            if base_folder is not None
-            else None
+    return declared, output
+
+
+def _base_folder(recipe: Recipe, declared: Declaration, adapters: list[Adapter], output: str) -> Path | None:
+    """The base model's folder (`base_model:` or the adapters' `base_model_name_or_path`); refused when the soup
+    needs it and it cannot be found."""
+    check_same_base(adapters, recipe.base_model)
+    named = next((a.base_name for a in adapters if a.base_name), None)
+    base_folder = recipe.base_model or resolve_base(named)
+    partial_heads = [n for n in full_names(adapters) if not all(n in a.full for a in adapters)]
+    if base_folder is None and (output == "merged" or declared.kind == "strategy" or partial_heads):
+        why = (
+            "adapter_output: merged writes base + soup"
+            if output == "merged"
+            else f"strategy {declared.name!r} scores the soup on the base model"
+            if declared.kind == "strategy"
+            else f"{partial_heads[0]} is missing from some adapters and its base value stands in"
         )
-        if base is not None:
-            check_against_base(adapters, base)
-        extra: dict[str, Any] = {}
-        if declared.kind == "strategy":
-            result, extra = choose(builder, declared, parameters, found, adapters, base_folder, scorer)
-            coefficients = result.coefficients(count)
-            weights = coefficients if not callable(coefficients) else result.record.get("alpha_mean")
-        else:
-            weights = declared.mixing(parameters, count)
-            coefficients = weights
-        state = process_state()
-        if not state.is_main_process:
-            state.wait_for_everyone()
-            return Soup(target, {"method": declared.name, **extra})
-        hasher = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf_soup-sha256"))
-        digests = hasher.submit(_ingredient_digests, found, recipe.allow_pickle)
-        base_name = str(base_folder) if base_folder is not None else adapters[0].base_name
-        with staged_folder(target, overwrite=overwrite) as staging:
-            if output == "merged":
-                files = write_merged(
-                    staging,
-                    adapters,
-                    coefficients,
-                    base,
-                    dtype=dtype,
-                    max_shard_size=recipe.max_shard_size,
-                    progress=progress,
-                )
-                approximation = {"adapter_output": "merged"}
-                _copy_side_files(base_folder, staging, dtype)
-            else:
-                files, approximation = write_adapter(
-                    staging,
-                    adapters,
-                    coefficients,
-                    output=output,
-                    rank=recipe.rank,
-                    base=base,
-                    base_name=base_name,
-                    dtype=dtype,
-                )
-                _copy_side_files(adapters[0].folder, staging, None)
-            notes = _notes(adapters, weights, output, approximation)
-            record = builder._record(found, digests.result(), declared, parameters, weights, notes, files)
-            record.update(
-                base_model=base_name, adapters={a.label: a.summary() for a in adapters}, **approximation, **extra
-            )
-            write_json(staging / "soup.json", record)
-            explain_soup(staging, output=target)  # the model card, part of the same atomic rename
-        state.wait_for_everyone()
-    logger.info("adapter soup written to %s", target)
-    return Soup(target, record)
-
-
-def _copy_side_files(source: Path, staging: Path, dtype) -> None:
-    from ..builder import _copy_side_files as copy
-
-    copy(source, staging, dtype)
+        raise SoupError(
+            f"{why}, so the base model folder is needed: set `base_model:` in the recipe (adapter_config.json of "
+            f"{adapters[0].label} names {named!r}, which is not a local folder or cached model)"
+        )
+    return base_folder
 
 
 def _notes(adapters: list[Adapter], weights, output: str, approximation: dict[str, Any]) -> list[str]:
@@ -168,33 +175,21 @@ def _notes(adapters: list[Adapter], weights, output: str, approximation: dict[st
     return notes
 
 
-def choose(builder, strategy, parameters, found, adapters, base_folder, scorer):
+def choose(recipe: Recipe, strategy, parameters, located, adapters, base_folder, scorer):
     """Run a strategy on one base model holding every adapter; returns its result and the record (as the builder
     does for full models)."""
-    from ..builder import _tokenizer
-    from .tasting import AdapterTasting
-
-    recipe = builder.recipe
-    evaluation = recipe.evaluation
-    if scorer is None:
-        if evaluation is None:
-            raise SoupError(f"strategy {strategy.name!r} needs an `evaluation:` section or a scorer")
-        tokenizer = next((t for t in (_tokenizer(Path(base_folder)), _tokenizer(found[0][1])) if t is not None), None)
-        scorer = evaluation.scorer(tokenizer)
+    scorer = prepare_scorer(recipe, saved_tokenizer(Path(base_folder), located[0].folder), scorer)
     _check_task(adapters, scorer)
-    selection = evaluation.selection_split if evaluation else next(iter(scorer.splits))
-    report_splits = evaluation.report_splits if evaluation else [s for s in scorer.splits if s != selection]
-    compared = evaluation.compare if evaluation else ["uniform", "ensemble"]
-    options = evaluation.placement() if evaluation else {}
+    selection = Selection.of(recipe.evaluation, scorer)
     with AdapterTasting(
-        [ingredient for ingredient, _ in found],
+        [ingredient for ingredient, _ in located],
         adapters,
         Path(base_folder),
         scorer,
-        selection,
-        reuse_recorded=evaluation.reuse_recorded_scores if evaluation else True,
+        selection.split,
+        reuse_recorded=selection.reuse_recorded,
         trust_remote_code=recipe.trust_remote_code,
-        **options,
+        **selection.placement,
     ) as tasting:
         units, tasted = set(unit_names(adapters)), set(tasting.groups("layer"))
         if units != tasted:  # the coefficients found per unit must reach every unit that is written
@@ -204,7 +199,12 @@ def choose(builder, strategy, parameters, found, adapters, base_folder, scorer):
                 "save the adapters again with this peft version"
             )
         return comparison.choose(
-            strategy, parameters, tasting, seed=recipe.seed, report_splits=report_splits, compared=compared
+            strategy,
+            parameters,
+            tasting,
+            seed=recipe.seed,
+            report_splits=selection.report_splits,
+            compared=selection.compared,
         )
 
 

@@ -1,0 +1,123 @@
+"""From a recipe to what a cook needs: the ingredients located, the saved tokenizer, the scorer, the resident model
+(`Kitchen`) and the `Selection` (which split chooses the soup, which are reported, which rows are compared).
+
+Both cooks (full models in `hf_soup.builder`, LoRA adapters in `hf_soup.adapters.cooking`) and the on-demand figures
+(`hf_soup.recipe_plots`) prepare through here, so a recipe means the same thing to each of them.
+
+Example:
+
+```python
+>>> recipe = load_recipe("recipes/greedy.yaml")
+>>> located = locate(recipe)                       # [Located(ingredient, folder), ...]
+>>> scorer = prepare_scorer(recipe, saved_tokenizer(located[0].folder))
+>>> selection = Selection.of(recipe.evaluation, scorer)
+```
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from .errors import SoupError
+from .evaluation import COMPARED_BY_DEFAULT, Evaluation
+from .ingredient import Ingredient
+from .kitchen import Kitchen
+from .pantry import Pantry
+from .recipe import Recipe
+from .scoring import Scorer
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model")
+
+
+class Located(NamedTuple):
+    """An ingredient and the folder its files are read from."""
+
+    ingredient: Ingredient
+    folder: Path
+
+
+def locate(recipe: Recipe) -> list[Located]:
+    """The recipe's ingredients with their folders, in recipe order (pantry order for a whole pantry); an
+    ingredient listed twice is refused."""
+    if recipe.pantry is not None:
+        if not (recipe.pantry / "pantry.json").is_file():
+            raise SoupError(f"{recipe.pantry} is not a pantry (no pantry.json); give the folder SoupCallback wrote")
+        pantry = Pantry(recipe.pantry)
+        chosen = pantry.list() if recipe.select is None else [pantry.get(i) for i in recipe.select]
+        found = [Located(ingredient, pantry.location(ingredient)) for ingredient in chosen]
+    else:
+        found = []
+        for folder in recipe.ingredients:
+            if not folder.is_dir():
+                raise SoupError(f"ingredient {folder} does not exist or is not a folder; check the path")
+            found.append(Located(Ingredient.from_folder(folder), folder))
+    seen: set[Path] = set()
+    for ingredient, folder in found:
+        real = folder.resolve()
+        if real in seen:
+            raise SoupError(
+                f"ingredient {ingredient.id} is listed twice ({folder}); list each once, and use method: weighted "
+                "to give one ingredient more weight"
+            )
+        seen.add(real)
+    return found
+
+
+def saved_tokenizer(*folders: Path | None):
+    """The tokenizer saved in the first of `folders` that has one, or `None` when none has."""
+    for folder in folders:
+        if folder is not None and any((Path(folder) / name).is_file() for name in TOKENIZER_FILES):
+            from transformers import AutoTokenizer
+
+            return AutoTokenizer.from_pretrained(folder)
+    return None
+
+
+def prepare_scorer(recipe: Recipe, tokenizer, scorer: Scorer | None = None) -> Scorer:
+    """The scorer given from Python, or the one the recipe's `evaluation:` section describes."""
+    if scorer is not None:
+        return scorer
+    if recipe.evaluation is None:
+        raise SoupError(f"{recipe.source}: this recipe scores models on data; add an `evaluation:` section")
+    return recipe.evaluation.scorer(tokenizer)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """How a strategy's soup is chosen and reported: the one owner of the `evaluation:` defaults.
+
+    Attributes:
+        split (`str`): the split the soup is chosen on (`selection_split`).
+        report_splits (`list[str]`): splits reported, never used to choose.
+        compared (`list[str]`): the report's extra rows (`compare`).
+        reuse_recorded (`bool`): reuse pantry scores measured on `split` (`reuse_recorded_scores`).
+        placement (`dict`): the `Kitchen` keyword arguments (`device_map`, `max_memory`, `offload_folder`).
+    """
+
+    split: str
+    report_splits: list[str] = field(default_factory=list)
+    compared: list[str] = field(default_factory=lambda: list(COMPARED_BY_DEFAULT))
+    reuse_recorded: bool = True
+    placement: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, evaluation: Evaluation | None, scorer: Scorer) -> Selection:
+        """From the recipe's `evaluation:` section; without one (a scorer given from Python), the scorer's first
+        split chooses and the others are reported."""
+        if evaluation is not None:
+            return cls(
+                evaluation.selection_split,
+                list(evaluation.report_splits),
+                list(evaluation.compare),
+                evaluation.reuse_recorded_scores,
+                evaluation.placement(),
+            )
+        first = next(iter(scorer.splits))
+        return cls(first, [split for split in scorer.splits if split != first])
+
+
+def open_kitchen(recipe: Recipe, folder: Path, scorer: Scorer, selection: Selection) -> Kitchen:
+    """The one resident model, built from `folder` and placed as the selection says."""
+    return Kitchen(folder, scorer.task, trust_remote_code=recipe.trust_remote_code, **selection.placement)
