@@ -112,7 +112,7 @@ def _locked_if_possible(pantry: Pantry) -> Iterator[None]:
     lock = None
     if pantry.root.is_dir():
         with contextlib.suppress(OSError):
-            lock = pantry._lock()
+            lock = pantry.lock()
             lock.acquire()
     try:
         yield
@@ -123,9 +123,9 @@ def _locked_if_possible(pantry: Pantry) -> Iterator[None]:
 
 def verify(pantry: Pantry) -> list[str]:
     """See `Pantry.verify`. Files are hashed without holding the lock; folders are listed under it."""
-    found = {(i.id, i.path): check(pantry, i) for i in pantry._read()}
+    found = {(i.id, i.path): check(pantry, i) for i in pantry.list()}
     with _locked_if_possible(pantry):
-        listed = pantry._read()
+        listed = pantry.list()
         stray = strays(pantry, listed)
         left = leftovers(pantry.root)
     problems = []
@@ -159,8 +159,8 @@ def repair(pantry: Pantry) -> Repair:
             f"would find every folder unclaimed and move it to {LOST}/)"
         )
     actions = []
-    with pantry._lock():
-        ingredients = pantry._read()  # a corrupt ledger stops here, before anything is touched
+    with pantry.lock():
+        ingredients = pantry.list()  # a corrupt ledger stops here, before anything is touched
         for item in leftovers(root):
             name, state = item.path.name, item.state
             if state == "running":

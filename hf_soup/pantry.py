@@ -156,7 +156,12 @@ class Pantry:
         return folder
 
     # -- writing -------------------------------------------------------------------------------------------------
-    def _lock(self) -> FileLock:
+    def lock(self) -> FileLock:
+        """The pantry's file lock (creating the pantry folder if need be), shared by every process that writes to it.
+
+        Hold it (`with pantry.lock():`) to see the ledger and `ingredients/` with no add or removal half-way, and to
+        change them; acquiring waits at most `lock_timeout` seconds. Each call makes a new lock: do not nest them.
+        """
         self.root.mkdir(parents=True, exist_ok=True)
         return FileLock(str(self.root / LOCK), timeout=self.lock_timeout)
 
@@ -245,7 +250,7 @@ class Pantry:
                     created_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 ),
             )
-            with self._lock():
+            with self.lock():
                 ingredients = self._read()
                 wanted = ingredient_id or (f"{run or source.name}-{step}" if step is not None else run or source.name)
                 record.id = self._new_id(wanted, ingredients, explicit=ingredient_id)
@@ -312,7 +317,7 @@ class Pantry:
         Under the lock the folder is renamed out of `ingredients/` (to `.removing-<host>-<pid>-<id>`) and deleted
         after; a process killed while deleting leaves that folder, which `repair` deletes.
         """
-        with self._lock():
+        with self.lock():
             ingredients = self._read()
             kept = [i for i in ingredients if i.id != ingredient_id]
             if len(kept) == len(ingredients):
