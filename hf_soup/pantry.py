@@ -33,16 +33,14 @@ from typing import Any
 
 from filelock import FileLock
 
+from . import inventory
 from .atomic import DISK_FULL, disk_full_error, fsync_folder, owner_tag, sha256_file, write_text
 from .errors import SoupError, brief
 from .ingredient import LEDGER, Ingredient, config_hash, detect_kind
+from .inventory import INGREDIENTS, REMOVING, STAGING
 
 FORMAT = 1
 LOCK = ".pantry.lock"
-INGREDIENTS = "ingredients"
-STAGING = ".staging-"
-REMOVING = ".removing-"
-LOST = "lost+found"
 # Training state that never belongs in an ingredient (optimizer moments are 2x the model; training_args is a pickle).
 SKIPPED_FILES = re.compile(r"^(optimizer\.pt|scheduler\.pt|scaler\.pt|rng_state.*\.pth|training_args\.bin|.*\.lock)$")
 
@@ -344,9 +342,7 @@ class Pantry:
         Problems: an entry whose folder or weight files are missing or changed, a folder in `ingredients/` claimed
         by no entry, and the leftovers of an interrupted add or removal (an add still running is not a problem).
         """
-        from .inventory import verify
-
-        return verify(self)
+        return inventory.verify(self)
 
     def repair(self) -> Repair:
         """Put the pantry in order after interrupted adds and removals, losing nothing; then verify it.
@@ -369,9 +365,7 @@ class Pantry:
         []
         ```
         """
-        from .inventory import repair
-
-        return repair(self)
+        return Repair(inventory.tidy(self), self.verify())
 
 
 @dataclass
