@@ -1,8 +1,11 @@
-"""Checking a pantry: `verify` (every sha256, unclaimed folders, leftovers of interrupted work) and `repair`.
+"""Checking a pantry's folder: `verify` (every sha256, unclaimed folders, leftovers of interrupted work) and `tidy`.
 
 Leftovers are told apart by the writer their name carries (see `hf_soup.atomic.owner_tag`): an add still running is
 never touched, one whose process is gone is cleaned up, and one that cannot be judged (another machine, an older
 hf_soup) is reported. Nothing that could be an ingredient is deleted: unclaimed folders go to `lost+found/`.
+
+This module never imports `pantry.py` (which imports it for `Pantry.verify` and `Pantry.repair`): it takes a pantry
+by its public side (`PantryLike`), and holds the names of the folder's parts.
 """
 
 from __future__ import annotations
@@ -13,11 +16,34 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 from .atomic import OWNER, fsync_folder, owner_state, sha256_file
 from .errors import SoupError, brief
-from .ingredient import Ingredient
-from .pantry import INGREDIENTS, LEDGER, LOST, REMOVING, STAGING, Pantry, Repair
+from .ingredient import LEDGER, Ingredient
+
+if TYPE_CHECKING:
+    from filelock import FileLock
+
+INGREDIENTS = "ingredients"  # the folder of ingredient folders
+STAGING = ".staging-"  # prefix of an add's staging folder
+REMOVING = ".removing-"  # prefix of a removal's folder, renamed out of ingredients/ before it is deleted
+LOST = "lost+found"  # where `tidy` moves the folders no entry claims
+
+
+class PantryLike(Protocol):
+    """What this module uses of a pantry: `hf_soup.Pantry`'s public side."""
+
+    root: Path
+
+    @property
+    def ledger(self) -> Path: ...
+
+    def list(self) -> list[Ingredient]: ...
+
+    def location(self, ingredient: Ingredient, files: bool = True) -> Path: ...
+
+    def lock(self) -> FileLock: ...
 
 
 @dataclass(frozen=True)
@@ -69,7 +95,7 @@ def leftovers(root: Path) -> list[Leftover]:
     return found
 
 
-def strays(pantry: Pantry, ingredients: list[Ingredient]) -> list[Path]:
+def strays(pantry: PantryLike, ingredients: list[Ingredient]) -> list[Path]:
     """What `ingredients/` holds that no entry claims."""
     claimed = set()
     for ingredient in ingredients:
@@ -85,7 +111,7 @@ def strays(pantry: Pantry, ingredients: list[Ingredient]) -> list[Path]:
     ]
 
 
-def check(pantry: Pantry, ingredient: Ingredient) -> list[str]:
+def check(pantry: PantryLike, ingredient: Ingredient) -> list[str]:
     """The problems of one entry: folder or weight files missing, or not matching their sha256."""
     label = ingredient.id if ingredient.id.isprintable() else brief(ingredient.id)
     try:
@@ -106,13 +132,13 @@ def check(pantry: Pantry, ingredient: Ingredient) -> list[str]:
 
 
 @contextlib.contextmanager
-def _locked_if_possible(pantry: Pantry) -> Iterator[None]:
+def _locked_if_possible(pantry: PantryLike) -> Iterator[None]:
     """The pantry lock, for a view where no add is half-way between its rename and its ledger write; a pantry that
     cannot be locked (read-only) is read without it: nobody can be adding to it."""
     lock = None
     if pantry.root.is_dir():
         with contextlib.suppress(OSError):
-            lock = pantry._lock()
+            lock = pantry.lock()
             lock.acquire()
     try:
         yield
@@ -121,11 +147,11 @@ def _locked_if_possible(pantry: Pantry) -> Iterator[None]:
             lock.release()
 
 
-def verify(pantry: Pantry) -> list[str]:
-    """See `Pantry.verify`. Files are hashed without holding the lock; folders are listed under it."""
-    found = {(i.id, i.path): check(pantry, i) for i in pantry._read()}
+def verify(pantry: PantryLike) -> list[str]:
+    """The problems `Pantry.verify` reports. Files are hashed without holding the lock; folders are listed under it."""
+    found = {(i.id, i.path): check(pantry, i) for i in pantry.list()}
     with _locked_if_possible(pantry):
-        listed = pantry._read()
+        listed = pantry.list()
         stray = strays(pantry, listed)
         left = leftovers(pantry.root)
     problems = []
@@ -148,8 +174,12 @@ def _free_name(folder: Path, name: str) -> Path:
     return candidate
 
 
-def repair(pantry: Pantry) -> Repair:
-    """See `Pantry.repair`."""
+def tidy(pantry: PantryLike) -> list[str]:
+    """What `Pantry.repair` changes (before it verifies): leftovers removed, unclaimed folders moved to `lost+found/`.
+
+    Returns:
+        `list[str]`: what was changed or left, one line each.
+    """
     root = pantry.root
     if not root.is_dir():
         raise SoupError(f"pantry {root} does not exist; give the folder SoupCallback or Pantry.add wrote")
@@ -159,8 +189,8 @@ def repair(pantry: Pantry) -> Repair:
             f"would find every folder unclaimed and move it to {LOST}/)"
         )
     actions = []
-    with pantry._lock():
-        ingredients = pantry._read()  # a corrupt ledger stops here, before anything is touched
+    with pantry.lock():
+        ingredients = pantry.list()  # a corrupt ledger stops here, before anything is touched
         for item in leftovers(root):
             name, state = item.path.name, item.state
             if state == "running":
@@ -187,4 +217,4 @@ def repair(pantry: Pantry) -> Repair:
                 "with Pantry.add, or delete it"
             )
         fsync_folder(root)
-    return Repair(actions, verify(pantry))
+    return actions

@@ -33,16 +33,14 @@ from typing import Any
 
 from filelock import FileLock
 
+from . import inventory
 from .atomic import DISK_FULL, disk_full_error, fsync_folder, owner_tag, sha256_file, write_text
 from .errors import SoupError, brief
 from .ingredient import LEDGER, Ingredient, config_hash, detect_kind
+from .inventory import INGREDIENTS, REMOVING, STAGING
 
 FORMAT = 1
 LOCK = ".pantry.lock"
-INGREDIENTS = "ingredients"
-STAGING = ".staging-"
-REMOVING = ".removing-"
-LOST = "lost+found"
 # Training state that never belongs in an ingredient (optimizer moments are 2x the model; training_args is a pickle).
 SKIPPED_FILES = re.compile(r"^(optimizer\.pt|scheduler\.pt|scaler\.pt|rng_state.*\.pth|training_args\.bin|.*\.lock)$")
 
@@ -156,7 +154,12 @@ class Pantry:
         return folder
 
     # -- writing -------------------------------------------------------------------------------------------------
-    def _lock(self) -> FileLock:
+    def lock(self) -> FileLock:
+        """The pantry's file lock (creating the pantry folder if need be), shared by every process that writes to it.
+
+        Hold it (`with pantry.lock():`) to see the ledger and `ingredients/` with no add or removal half-way, and to
+        change them; acquiring waits at most `lock_timeout` seconds. Each call makes a new lock: do not nest them.
+        """
         self.root.mkdir(parents=True, exist_ok=True)
         return FileLock(str(self.root / LOCK), timeout=self.lock_timeout)
 
@@ -245,7 +248,7 @@ class Pantry:
                     created_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 ),
             )
-            with self._lock():
+            with self.lock():
                 ingredients = self._read()
                 wanted = ingredient_id or (f"{run or source.name}-{step}" if step is not None else run or source.name)
                 record.id = self._new_id(wanted, ingredients, explicit=ingredient_id)
@@ -312,7 +315,7 @@ class Pantry:
         Under the lock the folder is renamed out of `ingredients/` (to `.removing-<host>-<pid>-<id>`) and deleted
         after; a process killed while deleting leaves that folder, which `repair` deletes.
         """
-        with self._lock():
+        with self.lock():
             ingredients = self._read()
             kept = [i for i in ingredients if i.id != ingredient_id]
             if len(kept) == len(ingredients):
@@ -339,9 +342,7 @@ class Pantry:
         Problems: an entry whose folder or weight files are missing or changed, a folder in `ingredients/` claimed
         by no entry, and the leftovers of an interrupted add or removal (an add still running is not a problem).
         """
-        from .inventory import verify
-
-        return verify(self)
+        return inventory.verify(self)
 
     def repair(self) -> Repair:
         """Put the pantry in order after interrupted adds and removals, losing nothing; then verify it.
@@ -364,9 +365,7 @@ class Pantry:
         []
         ```
         """
-        from .inventory import repair
-
-        return repair(self)
+        return Repair(inventory.tidy(self), self.verify())
 
 
 @dataclass

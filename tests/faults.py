@@ -401,8 +401,8 @@ class AddCase:
         """Start the child, SIGKILL it a seeded random delay after it is ready, check the pantry, repair it with
         `hf-soup pantry repair`, check again, and empty it; `kills` times."""
         from hf_soup.cli import main
-        from hf_soup.inventory import check, leftovers, strays
-        from hf_soup.pantry import LOST, Pantry
+        from hf_soup.inventory import LOST, check, leftovers, strays
+        from hf_soup.pantry import Pantry
 
         rng, report, started = random.Random(seed), KillReport(), time.monotonic()
         pantry, log = Pantry(self.root), self.work / "adds.log"
