@@ -1,6 +1,4 @@
-import ast
 import hashlib
-import inspect
 import json
 import os
 import subprocess
@@ -305,31 +303,3 @@ def test_loose_ingredient(run_folder):
     (adapter / "adapter_config.json").write_text('{"r": 4}')
     assert Ingredient.from_folder(adapter).kind == "adapter"
 
-
-def test_pantry_and_inventory_use_none_of_each_others_private_names():
-    """Neither module imports the other's `_names`, nor reaches into one on an object (`pantry._read()`): they meet
-    only through public names (`Pantry.lock`, `Pantry.list`, ...)."""
-
-    def private_definitions(tree):
-        defined = {n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
-        defined |= {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
-        return {name for name in defined if name.startswith("_") and not name.startswith("__") and name != "_"}
-
-    def foreign_uses(tree):  # names imported, and attributes taken of anything but `self` / `cls`
-        used = {alias.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for alias in n.names}
-        used |= {
-            n.attr
-            for n in ast.walk(tree)
-            if isinstance(n, ast.Attribute) and not (isinstance(n.value, ast.Name) and n.value.id in ("self", "cls"))
-        }
-        return used
-
-    import hf_soup.inventory
-    import hf_soup.pantry
-
-    modules = (hf_soup.pantry, hf_soup.inventory)
-    trees = {module.__name__: ast.parse(inspect.getsource(module)) for module in modules}
-    for user, owner in [("hf_soup.pantry", "hf_soup.inventory"), ("hf_soup.inventory", "hf_soup.pantry")]:
-        private = private_definitions(trees[owner])
-        assert private, f"{owner} defines no private names: this test checks nothing"
-        assert not foreign_uses(trees[user]) & private, f"{user} uses private names of {owner}"
