@@ -15,11 +15,13 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 from ..cache import cached_sha256
 from ..errors import SoupError
+from ..methods import get_method
 from ..scoring import process_state
 from .registry import StrategyResult, register_strategy
 from .space import SearchSpace
@@ -42,12 +44,21 @@ def check_search(parameters: dict[str, Any], count: int) -> dict[str, Any]:
     return parameters
 
 
-def _merge_of(parameters: dict[str, Any]) -> str | None:
+def _merge_of(parameters: Mapping[str, Any]) -> str | None:
     merge = parameters.get("merge")
     return merge if isinstance(merge, str) else None
 
 
-@register_strategy("search", check=check_search, writes=_merge_of)
+def _needs(parameters: Mapping[str, Any]) -> dict[str, str]:
+    """Linear methods are tasted by their coefficients (`mix`); any other method tensor by tensor (`apply`)."""
+    needs = {"mix": "search tastes candidate soups"}
+    merge = _merge_of(parameters)
+    if merge is not None and get_method(merge).mixing is None:
+        needs["apply"] = f"method {merge!r} is not a linear combination"
+    return needs
+
+
+@register_strategy("search", check=check_search, writes=_merge_of, needs=_needs)
 def search(
     tasting: Tasting,
     *,
@@ -74,12 +85,6 @@ def search(
     """
     optuna = _optuna()
     space_ = SearchSpace.parse(merge, space, fixed or {}, tasting.count)
-    linear = space_.method.mixing is not None
-    if not linear and not hasattr(tasting, "apply"):
-        raise SoupError(
-            f"search: method {merge!r} is not a linear combination, and adapter ingredients are searched in adapter "
-            "space; search weighted or uniform-family methods over adapters, or merge them into full models first"
-        )
     scorer, state = tasting.scorer, process_state()
     main = state.is_main_process
     grid = space_.grid(grid_points) if sampler == "grid" else None
