@@ -29,8 +29,9 @@ from .tasting import Tasting
 
 logger = logging.getLogger(__name__)
 
-SAMPLERS = ("grid", "random", "tpe", "cmaes")
 INSTALL_HINT = "pip install 'hf_soup[search]'"
+INTERRUPTED = "interrupted: the cook stopped during this trial"
+INTERRUPTED_TRIALS = "hf_soup_interrupted_trials"  # the study's user attribute listing them
 
 
 def check_search(parameters: dict[str, Any], count: int) -> dict[str, Any]:
@@ -90,14 +91,15 @@ def search(
     grid = space_.grid(grid_points) if sampler == "grid" else None
     study = None
     if main:
+        journal = _storage(optuna, storage)
         study = optuna.create_study(
             study_name=_study_name(tasting, merge, space_, sampler, seed, grid_points),
-            storage=_storage(optuna, storage),
+            storage=journal,
             sampler=_sampler(optuna, sampler, seed, grid),
             direction="maximize" if scorer.metric.greater_is_better else "minimize",
             load_if_exists=True,
         )
-        _fail_interrupted(optuna, study)
+        _fail_interrupted(optuna, study, journal)
     done = _broadcast(state, len(_finished(optuna, study)) if main else None)
     budget = trials if grid is None else min(trials, _grid_size(grid))
     evaluations = 0
@@ -230,9 +232,6 @@ def _study_name(tasting: Tasting, merge: str, space: SearchSpace, sampler: str, 
     return f"hf_soup-search-{merge}-{digest}"
 
 
-INTERRUPTED = "interrupted: the cook stopped during this trial"
-
-
 def _digests(reader) -> dict[str, str] | None:
     """sha256 of a loose folder's weight files (from hf_soup's digest cache when unchanged): retrained weights
     under the same folder name make another study, never a resumed one with stale scores."""
@@ -242,17 +241,31 @@ def _digests(reader) -> dict[str, str] | None:
 def _finished(optuna, study) -> list:
     """Trials that count against the budget: scored ones, and proposals the method refused."""
     states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)
-    return [t for t in study.get_trials(deepcopy=False, states=states) if t.user_attrs.get("error") != INTERRUPTED]
+    interrupted = _interrupted(study)
+    return [t for t in study.get_trials(deepcopy=False, states=states) if t.number not in interrupted]
 
 
-def _fail_interrupted(optuna, study) -> None:
+def _interrupted(study) -> set[int]:
+    """The numbers of the trials a killed cook left running (kept in the study's user attributes; a journal written
+    by an older hf_soup marked the trial itself)."""
+    marked = {t.number for t in study.get_trials(deepcopy=False) if t.user_attrs.get("error") == INTERRUPTED}
+    return marked | set(study.user_attrs.get(INTERRUPTED_TRIALS, []))
+
+
+def _fail_interrupted(optuna, study, journal) -> None:
     """Trials left running by a killed cook are marked failed (and not counted), so a resumed study goes on.
 
     One cook per study file at a time: a second cook on the same file would see the first one's running trial here.
+    They are told through a random-sampler view of the study: its own sampler must not see them (the grid sampler
+    would stop a study that is not running).
     """
-    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        study._storage.set_trial_user_attr(trial._trial_id, "error", INTERRUPTED)
-        study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+    running = [t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))]
+    if not running:
+        return
+    study.set_user_attr(INTERRUPTED_TRIALS, sorted(_interrupted(study) | set(running)))  # marked before told
+    view = optuna.load_study(study_name=study.study_name, storage=journal, sampler=optuna.samplers.RandomSampler())
+    for number in running:
+        view.tell(number, state=optuna.trial.TrialState.FAIL)
 
 
 def _grid_size(grid: dict[str, list]) -> int:
@@ -263,14 +276,16 @@ def _grid_size(grid: dict[str, list]) -> int:
 
 
 def _history(optuna, study) -> list[dict[str, Any]]:
-    rows = []
+    rows, interrupted = [], _interrupted(study)
     for trial in study.get_trials(deepcopy=False):
         if trial.state == optuna.trial.TrialState.RUNNING:
             continue
         row = {"trial": trial.number, "parameters": dict(trial.params), "state": trial.state.name}
         row["score"] = trial.value
         row["seconds"] = trial.user_attrs.get("seconds")
-        if "error" in trial.user_attrs:
+        if trial.number in interrupted:
+            row["error"] = INTERRUPTED
+        elif "error" in trial.user_attrs:
             row["error"] = trial.user_attrs["error"]
         rows.append(row)
     return rows
