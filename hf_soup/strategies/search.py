@@ -22,7 +22,7 @@ from typing import Any, Literal
 from ..cache import cached_sha256
 from ..errors import SoupError
 from ..methods import get_method
-from ..scoring import process_state
+from ..scoring import Scorer, process_state
 from .registry import StrategyResult, register_strategy
 from .space import SearchSpace
 from .tasting import Tasting
@@ -86,64 +86,19 @@ def search(
     """
     optuna = _optuna()
     space_ = SearchSpace.parse(merge, space, fixed or {}, tasting.count)
-    scorer, state = tasting.scorer, process_state()
-    main = state.is_main_process
+    state = process_state()
     grid = space_.grid(grid_points) if sampler == "grid" else None
     study = None
-    if main:
-        journal = _storage(optuna, storage)
-        study = optuna.create_study(
-            study_name=_study_name(tasting, merge, space_, sampler, seed, grid_points),
-            storage=journal,
-            sampler=_sampler(optuna, sampler, seed, grid),
-            direction="maximize" if scorer.metric.greater_is_better else "minimize",
-            load_if_exists=True,
-        )
-        _fail_interrupted(optuna, study, journal)
-    done = _broadcast(state, len(_finished(optuna, study)) if main else None)
+    if state.is_main_process:
+        name = _study_name(tasting, merge, space_, sampler, seed, grid_points)
+        study = _open_study(optuna, name, storage, _sampler(optuna, sampler, seed, grid), tasting.scorer)
+    done = _broadcast(state, len(_finished(optuna, study)) if study is not None else None)
     budget = trials if grid is None else min(trials, _grid_size(grid))
-    evaluations = 0
-
-    def taste(values: dict[str, Any]) -> float:
-        """Score one proposal on every process (each scores its shard of the split under accelerate launch)."""
-        nonlocal evaluations
-        parameters = space_.parameters(values, tasting.names)  # SoupError: a proposal the method refuses
-        evaluations += 1
-        return _taste(tasting, space_, parameters)
-
-    def objective(trial) -> float:
-        values = _broadcast(state, {d.name: d.suggest(trial) for d in space_.dimensions})
-        started = time.perf_counter()
-        try:
-            score = taste(values)
-        except SoupError as error:  # e.g. weights that are all 0: the trial fails, the search goes on
-            trial.set_user_attr("error", str(error))
-            raise
-        trial.set_user_attr("seconds", time.perf_counter() - started)
-        logger.info("search trial %d: %s → %.6g", trial.number, values, score)
-        return score
-
-    if main:
-        if budget > done:  # the grid sampler stops the study itself once every grid point is taken
-            study.optimize(objective, n_trials=budget - done, catch=(SoupError,))
-        _broadcast(state, None)
-    else:  # the other processes score what the main process proposes, until it says None
-        while (values := _broadcast(state, None)) is not None:
-            try:
-                taste(values)
-            except SoupError:
-                pass
-    history = _broadcast(state, _history(optuna, study) if main else None)
-    completed = [row for row in history if row["state"] == "COMPLETE"]
-    if not completed:
-        reasons = sorted({row.get("error", "") for row in history} - {""})
-        raise SoupError(f"search: no trial succeeded; {reasons[0] if reasons else 'check the space'}")
-    best = completed[0]
-    for row in completed[1:]:  # the first of equally good trials wins
-        if scorer.better(row["score"], best["score"], strict=True):
-            best = row
+    evaluations = _run_trials(study, tasting, space_, budget - done)
+    history = _broadcast(state, _history(optuna, study) if study is not None else None)
+    best = _best(tasting.scorer, history)
     parameters = space_.parameters(best["parameters"], tasting.names)
-    seconds = [row["seconds"] for row in completed if row.get("seconds") is not None]
+    seconds = [row["seconds"] for row in history if row["state"] == "COMPLETE" and row.get("seconds") is not None]
     record = {
         "merge": merge,
         "sampler": sampler,
@@ -158,11 +113,72 @@ def search(
         "new_trials": evaluations,
         "seconds_per_trial": sum(seconds) / len(seconds) if seconds else None,
         "storage": str(storage) if storage is not None else None,
-        "study": study.study_name if main else None,
+        "study": study.study_name if study is not None else None,
     }
     return StrategyResult(
         chosen=list(range(tasting.count)), method=merge, parameters=parameters, score=best["score"], record=record
     )
+
+
+def _open_study(optuna, name: str, storage: Path | None, sampler, scorer: Scorer):
+    """Create the study, or resume it from `storage`: trials a killed cook left running are marked failed first."""
+    journal = _storage(optuna, storage)
+    direction = "maximize" if scorer.metric.greater_is_better else "minimize"
+    study = optuna.create_study(
+        study_name=name, storage=journal, sampler=sampler, direction=direction, load_if_exists=True
+    )
+    _fail_interrupted(optuna, study, journal)
+    return study
+
+
+def _run_trials(study, tasting: Tasting, space: SearchSpace, count: int) -> int:
+    """Run `count` more trials: the main process (the one holding `study`) proposes, every process scores its shard
+    of the split (under `accelerate launch`). Returns how many candidates this process scored."""
+    state = process_state()
+    evaluations = 0
+
+    def taste(values: dict[str, Any]) -> float:
+        nonlocal evaluations
+        parameters = space.parameters(values, tasting.names)  # SoupError: a proposal the method refuses
+        evaluations += 1
+        return _taste(tasting, space, parameters)
+
+    def objective(trial) -> float:
+        values = _broadcast(state, {d.name: d.suggest(trial) for d in space.dimensions})
+        started = time.perf_counter()
+        try:
+            score = taste(values)
+        except SoupError as error:  # e.g. weights that are all 0: the trial fails, the search goes on
+            trial.set_user_attr("error", str(error))
+            raise
+        trial.set_user_attr("seconds", time.perf_counter() - started)
+        logger.info("search trial %d: %s → %.6g", trial.number, values, score)
+        return score
+
+    if study is not None:
+        if count > 0:  # the grid sampler stops the study itself once every grid point is taken
+            study.optimize(objective, n_trials=count, catch=(SoupError,))
+        _broadcast(state, None)
+    else:  # the other processes score what the main process proposes, until it says None
+        while (values := _broadcast(state, None)) is not None:
+            try:
+                taste(values)
+            except SoupError:
+                pass
+    return evaluations
+
+
+def _best(scorer: Scorer, history: list[dict[str, Any]]) -> dict[str, Any]:
+    """The best completed trial of `history` (the first of equally good ones)."""
+    completed = [row for row in history if row["state"] == "COMPLETE"]
+    if not completed:
+        reasons = sorted({row.get("error", "") for row in history} - {""})
+        raise SoupError(f"search: no trial succeeded; {reasons[0] if reasons else 'check the space'}")
+    best = completed[0]
+    for row in completed[1:]:
+        if scorer.better(row["score"], best["score"], strict=True):
+            best = row
+    return best
 
 
 def _taste(tasting: Tasting, space: SearchSpace, parameters) -> float:
