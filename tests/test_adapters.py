@@ -402,6 +402,9 @@ def test_tasting_mixes_heads_without_losing_any(bert):
         tasting.mix(weights)
         got = torch.cat([batch[0] for batch in scorer.outputs(tasting.kitchen.model, "validation")])
         assert (got - logits(reference(base, folders, "bert", weights))).abs().max() <= 1e-5
+        assert tasting.supports("mix") and tasting.supports("backward") and not tasting.supports("apply")
+        with pytest.raises(SoupError, match="^apply: a 'ties' soup is written tensor by tensor, and adapter"):
+            tasting.apply("ties", {"density": 0.5})
 
 
 def test_greedy_rejects_a_noise_adapter_and_writes_the_scored_soup(trained, splits, tmp_path):

@@ -33,7 +33,7 @@ Coefficients = Sequence[float] | Callable[[str], Sequence[float]]
 # other before the strategy runs.
 CAPABILITIES = {
     "mix": "write and score linear soups Σᵢ cᵢ θᵢ (`mix`, `taste`, `taste_uniform`, `groups`)",
-    "backward": "the loss's gradient with respect to the mixing coefficients (`backward`)",
+    "backward": "give the loss's gradient with respect to the mixing coefficients (`backward`)",
     "apply": "write the soup of any data-free method, tensor by tensor (`apply`: ties, slerp, dare, ...)",
 }
 
