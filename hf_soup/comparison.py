@@ -79,12 +79,18 @@ def choose(
     storage: Path | None = None,
 ) -> tuple[StrategyResult, dict[str, Any]]:
     """Run a strategy on a tasting, then score the comparison rows; returns its result and the `soup.json` record
-    (the choice under `strategy`, the comparison under `report`). Works for any tasting (full models, adapters).
+    (the choice under `strategy`, the comparison under `report`). Works for any tasting (full models, adapters):
+    a strategy that needs a capability the tasting lacks (`Strategy.capabilities_needed`, `Tasting.require`) is
+    refused before anything is tasted.
 
     `storage` is a file beside the soup where a strategy may keep state that lets an interrupted cook resume
     (`search`'s study)."""
 
     supplied = {"seed": seed, "storage": storage}
+    runs = [(strategy, parameters)]
+    runs += [(get_strategy(name), {}) for name in compared if name in STRATEGIES and name != strategy.name]
+    for declared, given in runs:  # what the tasting cannot do is refused before anything is tasted
+        tasting.require(declared.capabilities_needed(given), declared.name)
 
     def run(declared: Strategy, given: Mapping[str, Any]) -> StrategyResult:
         context = {name: supplied[name] for name in declared.context}
@@ -96,9 +102,8 @@ def choose(
     soups: dict[str, Coefficients | StrategyResult] = (
         {"uniform": [1.0 / count] * count} if "uniform" in compared else {}
     )
-    for name in compared:
-        if name in STRATEGIES and name != strategy.name:
-            soups[name] = run(get_strategy(name), {})
+    for declared, given in runs[1:]:
+        soups[declared.name] = run(declared, given)
     soups[strategy.name] = result
     report = compare(tasting, [tasting.split, *report_splits], soups, ensembles="ensemble" in compared)
     record = {

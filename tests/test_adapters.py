@@ -402,6 +402,9 @@ def test_tasting_mixes_heads_without_losing_any(bert):
         tasting.mix(weights)
         got = torch.cat([batch[0] for batch in scorer.outputs(tasting.kitchen.model, "validation")])
         assert (got - logits(reference(base, folders, "bert", weights))).abs().max() <= 1e-5
+        assert tasting.supports("mix") and tasting.supports("backward") and not tasting.supports("apply")
+        with pytest.raises(SoupError, match="^apply: a 'ties' soup is written tensor by tensor, and adapter"):
+            tasting.apply("ties", {"density": 0.5})
 
 
 def test_greedy_rejects_a_noise_adapter_and_writes_the_scored_soup(trained, splits, tmp_path):
@@ -450,6 +453,31 @@ def test_learned_adapter_soup_moves_weight_off_the_noise_adapter(trained, splits
     scorer = Scorer(splits)
     got = scorer.score(load_soup(base, layered.path, "bert"), "validation")
     assert got == pytest.approx(layered.record["strategy"]["score"])
+
+
+def test_search_of_a_method_that_is_not_linear_is_refused_over_adapters_before_any_trial(trained, splits, tmp_path):
+    """A new user's recipe: search `ties` over two LoRA adapters, `base_model:` set. Adapters are tasted in adapter
+    space, where only linear soups are: the refusal says so before trial 0 (not "add `base_model:`": it is there)."""
+    base, folders = trained
+    scorer = Scorer(splits)
+    builder = SoupBuilder(
+        folders[:2],
+        method="search",
+        merge="ties",
+        space={"density": {"low": 0.2, "high": 0.8}},
+        trials=3,
+        base_model=str(base),
+        evaluation=evaluation(splits, compare=[]),
+    )
+    with pytest.raises(SoupError) as refused:
+        builder.cook(tmp_path / "soup", progress=False, scorer=scorer)
+    assert str(refused.value) == (
+        "search: method 'ties' is not a linear combination, and adapter ingredients are tasted in adapter space, "
+        "where only linear soups can be tasted; use weighted or uniform-family methods over adapters, or merge the "
+        "adapters into full models first"
+    )
+    assert scorer.evaluations == 0  # no trial scored, not even an ingredient
+    assert list(tmp_path.iterdir()) == []  # no soup, no staging folder, no study
 
 
 def test_pantry_recipe_and_cli(llama, tmp_path, capsys):

@@ -190,6 +190,28 @@ def test_a_trial_left_running_by_a_killed_cook_is_marked_and_not_counted(ingredi
     assert strategy["history"][2]["error"].startswith("interrupted")
 
 
+def test_an_interrupted_last_grid_point_is_marked_without_stopping_the_study(ingredients, splits, tmp_path):
+    """The grid sampler stops its study once every grid point is finished, which Optuna refuses outside `optimize`:
+    marking the last grid point, left running by a killed cook, must not go through it."""
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    options = dict(merge="slerp", space={"t": {"choices": [0.0, 1.0]}}, sampler="grid")
+    options["evaluation"] = evaluation(splits, compare=[])
+    first = cook(ingredients[:2], splits, tmp_path / "soup", trials=1, **options)
+    storage = JournalStorage(JournalFileBackend(str(tmp_path / "soup.study.log")))
+    grid = optuna.samplers.GridSampler({"t": [0.0, 1.0]}, seed=0)
+    optuna.load_study(study_name=first.record["strategy"]["study"], storage=storage, sampler=grid).ask()  # a kill
+    again = SoupBuilder([str(p) for p in ingredients[:2]], method="search", trials=2, **options).cook(
+        tmp_path / "soup", progress=False, overwrite=True
+    )
+    strategy = again.record["strategy"]
+    assert strategy["resumed_trials"] == 1
+    assert [row["state"] for row in strategy["history"][:2]] == ["COMPLETE", "FAIL"]
+    assert strategy["history"][1]["error"].startswith("interrupted")
+
+
 @pytest.mark.parametrize("sampler", ["random", "grid", "tpe", "cmaes"])
 def test_samplers_are_deterministic_given_the_seed(ingredients, splits, tmp_path, sampler):
     options = dict(

@@ -38,6 +38,20 @@ def test_greedy_rejects_the_noise_ingredient_and_reports(ingredients, splits, tm
     assert json.loads((soup.path / "soup.json").read_text())["strategy"]["kept"] == strategy["kept"]
 
 
+def test_tastings_declare_what_they_can_do_and_strategies_what_they_need():
+    """Checked against each other before a strategy runs (`Tasting.require`): adapters cannot `apply` a method."""
+    from hf_soup.adapters.tasting import AdapterTasting
+    from hf_soup.strategies import Tasting, get_strategy
+
+    assert Tasting.capabilities == {"mix", "backward", "apply"}
+    assert AdapterTasting.capabilities == {"mix", "backward"} and set(AdapterTasting.lacking) == {"apply"}
+    search = get_strategy("search")
+    assert set(search.capabilities_needed({"merge": "weighted"})) == {"mix"}
+    assert search.capabilities_needed({"merge": "slerp"})["apply"] == "method 'slerp' is not a linear combination"
+    assert set(get_strategy("greedy").capabilities_needed({})) == {"mix"}
+    assert set(get_strategy("learned").capabilities_needed({})) == {"mix", "backward"}
+
+
 def test_ties_follow_the_rule(trained, splits, tmp_path):
     import shutil
 

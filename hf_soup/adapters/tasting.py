@@ -40,7 +40,16 @@ class AdapterTasting(Tasting):
     >>> tasting = AdapterTasting(ingredients, adapters, Path("base"), scorer, "validation")
     >>> tasting.taste([0.5, 0.5, 0.0])   # the soup of the first two adapters, scored without merging
     ```
+
+    It supports `"mix"` and `"backward"`, not `"apply"` (see `Tasting.supports`): a soup that is not a linear
+    combination of the adapters (ties, dare, slerp, ...) has no form in adapter space.
     """
+
+    capabilities = frozenset({"mix", "backward"})
+    lacking = {
+        "apply": "adapter ingredients are tasted in adapter space, where only linear soups can be tasted; use "
+        "weighted or uniform-family methods over adapters, or merge the adapters into full models first"
+    }
 
     def __init__(
         self,

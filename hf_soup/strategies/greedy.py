@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from ..errors import SoupError
@@ -25,7 +26,11 @@ def check_alpha(parameters: dict[str, Any], count: int) -> dict[str, Any]:
     return {**parameters, "alpha": sorted(set(grid)) if isinstance(alpha, list) else alpha}
 
 
-@register_strategy("greedy", check=check_alpha)
+def _needs(parameters: Mapping[str, Any]) -> dict[str, str]:
+    return {"mix": "greedy tastes candidate soups"}
+
+
+@register_strategy("greedy", check=check_alpha, needs=_needs)
 def greedy(
     tasting: Tasting,
     *,

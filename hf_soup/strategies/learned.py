@@ -12,7 +12,8 @@ the model, its gradient, and k tensors at a time — independent of k beyond tha
 from __future__ import annotations
 
 import random
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import torch
 
@@ -21,7 +22,14 @@ from .registry import StrategyResult, register_strategy
 from .tasting import Tasting
 
 
-@register_strategy("learned")
+def _needs(parameters: Mapping[str, Any]) -> dict[str, str]:
+    return {
+        "mix": "learned tastes its soup",
+        "backward": "learned follows the loss's gradient with respect to the mixing coefficients",
+    }
+
+
+@register_strategy("learned", needs=_needs)
 def learned(
     tasting: Tasting,
     *,

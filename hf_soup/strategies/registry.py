@@ -6,7 +6,7 @@ parameters are its declaration, checked before any tensor is read.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,14 +16,33 @@ from ..methods.registry import Declaration, declare
 
 @dataclass(frozen=True)
 class Strategy(Declaration):
-    """A registered strategy: `function(tasting, **parameters) -> StrategyResult`."""
+    """A registered strategy: `function(tasting, **parameters) -> StrategyResult`.
+
+    Attributes:
+        writes (`Callable`, *optional*): `writes(parameters) -> str | None`, see `written_method`.
+        needs (`Callable`, *optional*): `needs(parameters) -> dict[str, str]`, see `capabilities_needed`.
+    """
 
     kind = "strategy"
     writes: Callable[[dict[str, Any]], str | None] | None = None
+    needs: Callable[[Mapping[str, Any]], Mapping[str, str]] | None = None
 
     def written_method(self, parameters: dict[str, Any]) -> str | None:
         """The method whose soup this strategy writes, when its recipe parameters say (`search`'s `merge:`)."""
         return self.writes(parameters) if self.writes is not None else None
+
+    def capabilities_needed(self, parameters: Mapping[str, Any]) -> dict[str, str]:
+        """The tasting capabilities this strategy uses with these parameters (see
+        `hf_soup.strategies.tasting.CAPABILITIES`), each with why: checked by `Tasting.require` before it runs.
+
+        Example:
+
+        ```python
+        >>> get_strategy("search").capabilities_needed({"merge": "ties"})
+        {'mix': 'search tastes candidate soups', 'apply': "method 'ties' is not a linear combination"}
+        ```
+        """
+        return dict(self.needs(parameters)) if self.needs is not None else {}
 
 
 @dataclass
@@ -74,12 +93,15 @@ def register_strategy(
     *,
     check: Callable[[dict[str, Any], int], dict[str, Any]] | None = None,
     writes: Callable[[dict[str, Any]], str | None] | None = None,
+    needs: Callable[[Mapping[str, Any]], Mapping[str, str]] | None = None,
     overwrite: bool = False,
 ) -> Callable[[Callable[..., StrategyResult]], Callable[..., StrategyResult]]:
     """Register a strategy; its signature declares its parameters (see `register_method`).
 
     `writes(parameters)` names the method the soup is written with when the recipe chooses it (so that a recipe
-    whose soup needs `base_model:` is refused before any tensor is read).
+    whose soup needs `base_model:` is refused before any tensor is read). `needs(parameters)` maps each tasting
+    capability the strategy uses (`"mix"`, `"backward"`, `"apply"`: see `hf_soup.strategies.tasting.CAPABILITIES`)
+    to why, so that a tasting that lacks one (adapters cannot `"apply"`) is refused before the strategy runs.
     """
 
     def decorate(function: Callable[..., StrategyResult]) -> Callable[..., StrategyResult]:
@@ -87,7 +109,7 @@ def register_strategy(
         if strategy_name in STRATEGIES and not overwrite:
             raise SoupError(f"strategy {strategy_name!r} is already registered; pass overwrite=True to replace it")
         parameters, context = declare(function, strategy_name, "the tasting")
-        STRATEGIES[strategy_name] = Strategy(strategy_name, function, parameters, context, check, writes)
+        STRATEGIES[strategy_name] = Strategy(strategy_name, function, parameters, context, check, writes, needs)
         return function
 
     return decorate

@@ -15,20 +15,23 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 from ..cache import cached_sha256
 from ..errors import SoupError
-from ..scoring import process_state
+from ..methods import get_method
+from ..scoring import Scorer, process_state
 from .registry import StrategyResult, register_strategy
 from .space import SearchSpace
 from .tasting import Tasting
 
 logger = logging.getLogger(__name__)
 
-SAMPLERS = ("grid", "random", "tpe", "cmaes")
 INSTALL_HINT = "pip install 'hf_soup[search]'"
+INTERRUPTED = "interrupted: the cook stopped during this trial"
+INTERRUPTED_TRIALS = "hf_soup_interrupted_trials"  # the study's user attribute listing them
 
 
 def check_search(parameters: dict[str, Any], count: int) -> dict[str, Any]:
@@ -42,12 +45,21 @@ def check_search(parameters: dict[str, Any], count: int) -> dict[str, Any]:
     return parameters
 
 
-def _merge_of(parameters: dict[str, Any]) -> str | None:
+def _merge_of(parameters: Mapping[str, Any]) -> str | None:
     merge = parameters.get("merge")
     return merge if isinstance(merge, str) else None
 
 
-@register_strategy("search", check=check_search, writes=_merge_of)
+def _needs(parameters: Mapping[str, Any]) -> dict[str, str]:
+    """Linear methods are tasted by their coefficients (`mix`); any other method tensor by tensor (`apply`)."""
+    needs = {"mix": "search tastes candidate soups"}
+    merge = _merge_of(parameters)
+    if merge is not None and get_method(merge).mixing is None:
+        needs["apply"] = f"method {merge!r} is not a linear combination"
+    return needs
+
+
+@register_strategy("search", check=check_search, writes=_merge_of, needs=_needs)
 def search(
     tasting: Tasting,
     *,
@@ -74,69 +86,19 @@ def search(
     """
     optuna = _optuna()
     space_ = SearchSpace.parse(merge, space, fixed or {}, tasting.count)
-    linear = space_.method.mixing is not None
-    if not linear and not hasattr(tasting, "apply"):
-        raise SoupError(
-            f"search: method {merge!r} is not a linear combination, and adapter ingredients are searched in adapter "
-            "space; search weighted or uniform-family methods over adapters, or merge them into full models first"
-        )
-    scorer, state = tasting.scorer, process_state()
-    main = state.is_main_process
+    state = process_state()
     grid = space_.grid(grid_points) if sampler == "grid" else None
     study = None
-    if main:
-        study = optuna.create_study(
-            study_name=_study_name(tasting, merge, space_, sampler, seed, grid_points),
-            storage=_storage(optuna, storage),
-            sampler=_sampler(optuna, sampler, seed, grid),
-            direction="maximize" if scorer.metric.greater_is_better else "minimize",
-            load_if_exists=True,
-        )
-        _fail_interrupted(optuna, study)
-    done = _broadcast(state, len(_finished(optuna, study)) if main else None)
+    if state.is_main_process:
+        name = _study_name(tasting, merge, space_, sampler, seed, grid_points)
+        study = _open_study(optuna, name, storage, _sampler(optuna, sampler, seed, grid), tasting.scorer)
+    done = _broadcast(state, len(_finished(optuna, study)) if study is not None else None)
     budget = trials if grid is None else min(trials, _grid_size(grid))
-    evaluations = 0
-
-    def taste(values: dict[str, Any]) -> float:
-        """Score one proposal on every process (each scores its shard of the split under accelerate launch)."""
-        nonlocal evaluations
-        parameters = space_.parameters(values, tasting.names)  # SoupError: a proposal the method refuses
-        evaluations += 1
-        return _taste(tasting, space_, parameters)
-
-    def objective(trial) -> float:
-        values = _broadcast(state, {d.name: d.suggest(trial) for d in space_.dimensions})
-        started = time.perf_counter()
-        try:
-            score = taste(values)
-        except SoupError as error:  # e.g. weights that are all 0: the trial fails, the search goes on
-            trial.set_user_attr("error", str(error))
-            raise
-        trial.set_user_attr("seconds", time.perf_counter() - started)
-        logger.info("search trial %d: %s → %.6g", trial.number, values, score)
-        return score
-
-    if main:
-        if budget > done:  # the grid sampler stops the study itself once every grid point is taken
-            study.optimize(objective, n_trials=budget - done, catch=(SoupError,))
-        _broadcast(state, None)
-    else:  # the other processes score what the main process proposes, until it says None
-        while (values := _broadcast(state, None)) is not None:
-            try:
-                taste(values)
-            except SoupError:
-                pass
-    history = _broadcast(state, _history(optuna, study) if main else None)
-    completed = [row for row in history if row["state"] == "COMPLETE"]
-    if not completed:
-        reasons = sorted({row.get("error", "") for row in history} - {""})
-        raise SoupError(f"search: no trial succeeded; {reasons[0] if reasons else 'check the space'}")
-    best = completed[0]
-    for row in completed[1:]:  # the first of equally good trials wins
-        if scorer.better(row["score"], best["score"], strict=True):
-            best = row
+    evaluations = _run_trials(study, tasting, space_, budget - done)
+    history = _broadcast(state, _history(optuna, study) if study is not None else None)
+    best = _best(tasting.scorer, history)
     parameters = space_.parameters(best["parameters"], tasting.names)
-    seconds = [row["seconds"] for row in completed if row.get("seconds") is not None]
+    seconds = [row["seconds"] for row in history if row["state"] == "COMPLETE" and row.get("seconds") is not None]
     record = {
         "merge": merge,
         "sampler": sampler,
@@ -151,11 +113,72 @@ def search(
         "new_trials": evaluations,
         "seconds_per_trial": sum(seconds) / len(seconds) if seconds else None,
         "storage": str(storage) if storage is not None else None,
-        "study": study.study_name if main else None,
+        "study": study.study_name if study is not None else None,
     }
     return StrategyResult(
         chosen=list(range(tasting.count)), method=merge, parameters=parameters, score=best["score"], record=record
     )
+
+
+def _open_study(optuna, name: str, storage: Path | None, sampler, scorer: Scorer):
+    """Create the study, or resume it from `storage`: trials a killed cook left running are marked failed first."""
+    journal = _storage(optuna, storage)
+    direction = "maximize" if scorer.metric.greater_is_better else "minimize"
+    study = optuna.create_study(
+        study_name=name, storage=journal, sampler=sampler, direction=direction, load_if_exists=True
+    )
+    _fail_interrupted(optuna, study, journal)
+    return study
+
+
+def _run_trials(study, tasting: Tasting, space: SearchSpace, count: int) -> int:
+    """Run `count` more trials: the main process (the one holding `study`) proposes, every process scores its shard
+    of the split (under `accelerate launch`). Returns how many candidates this process scored."""
+    state = process_state()
+    evaluations = 0
+
+    def taste(values: dict[str, Any]) -> float:
+        nonlocal evaluations
+        parameters = space.parameters(values, tasting.names)  # SoupError: a proposal the method refuses
+        evaluations += 1
+        return _taste(tasting, space, parameters)
+
+    def objective(trial) -> float:
+        values = _broadcast(state, {d.name: d.suggest(trial) for d in space.dimensions})
+        started = time.perf_counter()
+        try:
+            score = taste(values)
+        except SoupError as error:  # e.g. weights that are all 0: the trial fails, the search goes on
+            trial.set_user_attr("error", str(error))
+            raise
+        trial.set_user_attr("seconds", time.perf_counter() - started)
+        logger.info("search trial %d: %s → %.6g", trial.number, values, score)
+        return score
+
+    if study is not None:
+        if count > 0:  # the grid sampler stops the study itself once every grid point is taken
+            study.optimize(objective, n_trials=count, catch=(SoupError,))
+        _broadcast(state, None)
+    else:  # the other processes score what the main process proposes, until it says None
+        while (values := _broadcast(state, None)) is not None:
+            try:
+                taste(values)
+            except SoupError:
+                pass
+    return evaluations
+
+
+def _best(scorer: Scorer, history: list[dict[str, Any]]) -> dict[str, Any]:
+    """The best completed trial of `history` (the first of equally good ones)."""
+    completed = [row for row in history if row["state"] == "COMPLETE"]
+    if not completed:
+        reasons = sorted({row.get("error", "") for row in history} - {""})
+        raise SoupError(f"search: no trial succeeded; {reasons[0] if reasons else 'check the space'}")
+    best = completed[0]
+    for row in completed[1:]:
+        if scorer.better(row["score"], best["score"], strict=True):
+            best = row
+    return best
 
 
 def _taste(tasting: Tasting, space: SearchSpace, parameters) -> float:
@@ -225,9 +248,6 @@ def _study_name(tasting: Tasting, merge: str, space: SearchSpace, sampler: str, 
     return f"hf_soup-search-{merge}-{digest}"
 
 
-INTERRUPTED = "interrupted: the cook stopped during this trial"
-
-
 def _digests(reader) -> dict[str, str] | None:
     """sha256 of a loose folder's weight files (from hf_soup's digest cache when unchanged): retrained weights
     under the same folder name make another study, never a resumed one with stale scores."""
@@ -237,17 +257,31 @@ def _digests(reader) -> dict[str, str] | None:
 def _finished(optuna, study) -> list:
     """Trials that count against the budget: scored ones, and proposals the method refused."""
     states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)
-    return [t for t in study.get_trials(deepcopy=False, states=states) if t.user_attrs.get("error") != INTERRUPTED]
+    interrupted = _interrupted(study)
+    return [t for t in study.get_trials(deepcopy=False, states=states) if t.number not in interrupted]
 
 
-def _fail_interrupted(optuna, study) -> None:
+def _interrupted(study) -> set[int]:
+    """The numbers of the trials a killed cook left running (kept in the study's user attributes; a journal written
+    by an older hf_soup marked the trial itself)."""
+    marked = {t.number for t in study.get_trials(deepcopy=False) if t.user_attrs.get("error") == INTERRUPTED}
+    return marked | set(study.user_attrs.get(INTERRUPTED_TRIALS, []))
+
+
+def _fail_interrupted(optuna, study, journal) -> None:
     """Trials left running by a killed cook are marked failed (and not counted), so a resumed study goes on.
 
     One cook per study file at a time: a second cook on the same file would see the first one's running trial here.
+    They are told through a random-sampler view of the study: its own sampler must not see them (the grid sampler
+    would stop a study that is not running).
     """
-    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        study._storage.set_trial_user_attr(trial._trial_id, "error", INTERRUPTED)
-        study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+    running = [t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))]
+    if not running:
+        return
+    study.set_user_attr(INTERRUPTED_TRIALS, sorted(_interrupted(study) | set(running)))  # marked before told
+    view = optuna.load_study(study_name=study.study_name, storage=journal, sampler=optuna.samplers.RandomSampler())
+    for number in running:
+        view.tell(number, state=optuna.trial.TrialState.FAIL)
 
 
 def _grid_size(grid: dict[str, list]) -> int:
@@ -258,14 +292,16 @@ def _grid_size(grid: dict[str, list]) -> int:
 
 
 def _history(optuna, study) -> list[dict[str, Any]]:
-    rows = []
+    rows, interrupted = [], _interrupted(study)
     for trial in study.get_trials(deepcopy=False):
         if trial.state == optuna.trial.TrialState.RUNNING:
             continue
         row = {"trial": trial.number, "parameters": dict(trial.params), "state": trial.state.name}
         row["score"] = trial.value
         row["seconds"] = trial.user_attrs.get("seconds")
-        if "error" in trial.user_attrs:
+        if trial.number in interrupted:
+            row["error"] = INTERRUPTED
+        elif "error" in trial.user_attrs:
             row["error"] = trial.user_attrs["error"]
         rows.append(row)
     return rows

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import ClassVar
 
 import torch
 
@@ -27,6 +28,15 @@ logger = logging.getLogger(__name__)
 
 Coefficients = Sequence[float] | Callable[[str], Sequence[float]]
 
+# What a tasting can do for a strategy. A tasting declares the ones it supports (`Tasting.capabilities`), a strategy
+# the ones it needs given its parameters (`register_strategy(needs=...)`); `Tasting.require` checks one against the
+# other before the strategy runs.
+CAPABILITIES = {
+    "mix": "write and score linear soups Σᵢ cᵢ θᵢ (`mix`, `taste`, `taste_uniform`, `groups`)",
+    "backward": "give the loss's gradient with respect to the mixing coefficients (`backward`)",
+    "apply": "write the soup of any data-free method, tensor by tensor (`apply`: ties, slerp, dare, ...)",
+}
+
 
 def metric_stem(name: str | None) -> str:
     """`"eval_accuracy"` → `"accuracy"`: the Trainer prefixes metric names with the split."""
@@ -38,10 +48,10 @@ class Tasting:
 
     Strategies use only this interface, so another kind of ingredient (peft adapters) plugs in with its own class:
     `ingredients`, `count`, `scorer`, `split`, `evaluations`, `recorded` (indices whose score came from the
-    pantry), `ranking()`, `score(i)`, `outputs(i, split)`,
-    `mix(coefficients)`, `taste(coefficients)`, `taste_uniform(members)`, `groups(granularity)` and
-    `backward(alpha, groups, batch, beta)`; full models also `apply(method, parameters, chosen)` (any method, not
-    only linear ones).
+    pantry), `ranking()`, `score(i)`, `outputs(i, split)`, and what its `capabilities` say (see `CAPABILITIES`):
+    `mix(coefficients)`, `taste(coefficients)`, `taste_uniform(members)`, `groups(granularity)` (`"mix"`),
+    `backward(alpha, groups, batch, beta)` (`"backward"`) and `apply(method, parameters, chosen)` (`"apply"`: any
+    method, not only linear ones). Full models support all three; ask with `supports(capability)`.
 
     Args:
         ingredients (`list[Ingredient]`), readers (`list[CheckpointReader]`): in recipe order.
@@ -53,6 +63,10 @@ class Tasting:
         base (`CheckpointReader`, *optional*): the base model, for methods that need it (`apply`).
         seed (`int`, *optional*, defaults to 0): the recipe's seed, for methods that draw random numbers (`apply`).
     """
+
+    capabilities: ClassVar[frozenset[str]] = frozenset({"mix", "backward", "apply"})
+    # For each capability a subclass drops: why this kind of tasting lacks it, and what to do instead.
+    lacking: ClassVar[Mapping[str, str]] = {}
 
     def __init__(
         self,
@@ -89,6 +103,31 @@ class Tasting:
     def evaluations(self) -> int:
         return self.scorer.evaluations
 
+    # -- capabilities --------------------------------------------------------------------------------------------
+    def supports(self, capability: str) -> bool:
+        """Whether this tasting can do `capability` (one of `CAPABILITIES`: `"mix"`, `"backward"`, `"apply"`).
+
+        Example:
+
+        ```python
+        >>> tasting.supports("apply")  # full models
+        True
+        >>> adapter_tasting.supports("apply")  # only linear soups are tasted in adapter space
+        False
+        ```
+        """
+        if capability not in CAPABILITIES:
+            raise SoupError(f"unknown tasting capability {capability!r}; known: {', '.join(CAPABILITIES)}")
+        return capability in self.capabilities
+
+    def require(self, needs: Mapping[str, str], who: str) -> None:
+        """Refuse what this tasting cannot do: `needs` maps each capability `who` (a strategy) needs to why it needs
+        it; the `SoupError` gives that reason, why this tasting lacks the capability and what to do instead."""
+        for capability, why in needs.items():
+            if not self.supports(capability):
+                lack = self.lacking.get(capability, f"{type(self).__name__} cannot {CAPABILITIES[capability]}")
+                raise SoupError(f"{who}: {why}, and {lack}")
+
     # -- writing candidates --------------------------------------------------------------------------------------
     def mix(self, coefficients: Coefficients) -> None:
         """Write Σᵢ cᵢ θᵢ into the resident model (per tensor; `coefficients` may depend on the tensor name)."""
@@ -112,6 +151,7 @@ class Tasting:
     def apply(self, method: str, parameters: Parameters, chosen: Sequence[int] | None = None) -> None:
         """Write the soup of a registered method over `chosen` (default: all) into the resident model, tensor by
         tensor with the streaming engine's `merge_tensor`: the same tensors the cook then writes to disk."""
+        self.require({"apply": f"a {method!r} soup is written tensor by tensor"}, "apply")
         declared = get_method(method)
         if declared.needs_data or declared.layout is not None:
             raise SoupError(
@@ -246,7 +286,7 @@ def serve(tasting: Tasting, soup: Coefficients | StrategyResult) -> None:
     coefficients = soup.coefficients(tasting.count)
     if coefficients is not None:
         tasting.mix(coefficients)
-    elif hasattr(tasting, "apply"):
+    elif tasting.supports("apply"):
         tasting.apply(soup.method, soup.parameters, soup.chosen)
     else:
         raise SoupError(
