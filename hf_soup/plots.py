@@ -161,9 +161,7 @@ def landscape(tasting, base: CheckpointReader, i: int, j: int, *, grid: int = 11
     """Figure 4's data: scores on the plane θ₀ + a(θᵢ − θ₀) + b(θⱼ − θ₀), a and b on a `grid` × `grid` lattice over
     `span`; `scores[r][c]` is at (a = coords[c], b = coords[r]); `x`, `y` are the points in an orthonormal basis of the
     plane (distances are true). Needs a full-model `Tasting` (its readers and resident model)."""
-    from .strategies import Tasting
-
-    if type(tasting) is not Tasting:
+    if not tasting.supports("apply"):  # writes tensors of its readers into the resident model, as `apply` does
         raise SoupError("the landscape needs full-model ingredients (not adapters)")
     if grid < 2 or i == j:
         raise SoupError(f"the landscape needs grid ≥ 2 and two different ingredients (got grid {grid}, {i} and {j})")
