@@ -302,4 +302,3 @@ def test_loose_ingredient(run_folder):
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text('{"r": 4}')
     assert Ingredient.from_folder(adapter).kind == "adapter"
-
