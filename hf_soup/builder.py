@@ -27,6 +27,7 @@ from .schedules import per_tensor
 from .scoring import Scorer
 from .soup import Soup, copy_side_files, staged_soup
 from .strategies import StrategyResult, Tasting
+from .trainer_scoring import TrainerScorer
 from .writer import CheckpointWriter
 
 logger = logging.getLogger(__name__)
@@ -42,6 +43,9 @@ class SoupBuilder:
         ingredients (`list` of paths, *optional*): model or adapter folders; or use `pantry` (and `select`).
         method (`str`, *optional*, defaults to `"uniform"`): a registered method (`hf_soup.methods.list_methods()`).
         pantry (`str`, *optional*): a pantry folder; all its ingredients, or those whose ids are in `select`.
+        trainer (`transformers.Trainer`, *optional*): score strategies with this Trainer's own evaluation loop (its
+            eval datasets, collator, `compute_metrics`, `metric_for_best_model`, generation); see
+            `hf_soup.trainer_scoring`. `evaluation` may then only choose splits and rows.
         base_model, dtype, max_shard_size, seed, allow_pickle, trust_remote_code: see the recipe reference.
         **parameters: the method's parameters, e.g. `weights=[0.7, 0.3]` for `"weighted"`.
 
@@ -53,10 +57,16 @@ class SoupBuilder:
     ```
     """
 
-    def __init__(self, ingredients: list[str | os.PathLike] | None = None, *, method: str = "uniform", **options):
+    def __init__(
+        self, ingredients: list[str | os.PathLike] | None = None, *, method: str = "uniform", trainer=None, **options
+    ):
         data = {"method": method, **options}
         if ingredients is not None:
             data["ingredients"] = [str(path) for path in ingredients]
+        self.scorer = None
+        if trainer is not None:  # score with the user's Trainer: its eval datasets are the recipe's splits
+            self.scorer = TrainerScorer(trainer, options.get("evaluation"))
+            data["evaluation"] = {"splits": self.scorer.splits, **self.scorer.evaluation}
         self.recipe = Recipe.from_mapping(data)
 
     @classmethod
@@ -64,6 +74,7 @@ class SoupBuilder:
         """A builder for a `Recipe` or the path of a recipe YAML file."""
         builder = cls.__new__(cls)
         builder.recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+        builder.scorer = None
         return builder
 
     def ingredients(self) -> list[Located]:
@@ -87,7 +98,7 @@ class SoupBuilder:
             progress (`bool`, *optional*, defaults to `True`): show a progress bar.
             scorer (`Scorer`, *optional*): for strategies, a ready scorer instead of the recipe's `evaluation`.
         """
-        recipe = self.recipe
+        recipe, scorer = self.recipe, scorer or self.scorer
         target = Path(output).absolute() if output is not None else recipe.output
         if target is None:
             raise SoupError(f"{recipe.source}: no output folder; set `output:` in the recipe or pass --output DIR")

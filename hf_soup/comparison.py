@@ -34,6 +34,10 @@ def compare(
     for name, soup in soups.items():
         serve(tasting, soup)
         rows[name] = {split: scorer.score(tasting.kitchen.model, split) for split in splits}
+    undefined = {}
+    if ensembles and count > 1 and scorer.ensemble_undefined is not None:  # known once outputs were computed
+        undefined = {"ensemble": scorer.ensemble_undefined, "greedy ensemble": scorer.ensemble_undefined}
+        ensembles = False
     if ensembles and count > 1:
         rows["ensemble"] = {
             split: scorer.compute(average_logits([tasting.outputs(i, split) for i in range(count)]))
@@ -52,6 +56,7 @@ def compare(
         "rows": rows,
         "individuals": individuals,
         "greedy_ensemble": [tasting.ingredients[i].id for i in kept] if ensembles and count > 1 else None,
+        "undefined": undefined,  # rows that are not defined for these outputs, with why
     }
 
 

@@ -70,8 +70,7 @@ class Kitchen:
             model = task.model_class().from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
         model.eval()
         model.tie_weights()
-        # names that share one tensor (tied embeddings): a write to one is a write to all
-        self._tied = {name: group for group in find_tied_parameters(model) for name in group}
+        tied = find_tied_parameters(model)
         if device_map in (None, "auto"):
             if max_memory is None and not torch.cuda.is_available():
                 device_map = {"": "cpu"}
@@ -84,34 +83,51 @@ class Kitchen:
                 )
         elif isinstance(device_map, str):
             device_map = {"": device_map}
-        self.device_map = dict(device_map)
-        self._offload_root = None
+        device_map = dict(device_map)
+        offload_root = None
         index: dict[str, Any] = {}
         tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
         for name, tensor in tensors:  # tied names each get their place; `write` fills all names of a tie group
-            if tensor.device.type != "meta" and _device_of(name, self.device_map) != "disk":
+            if tensor.device.type != "meta" and _device_of(name, device_map) != "disk":
                 continue
-            device = _device_of(name, self.device_map)
+            device = _device_of(name, device_map)
             empty = torch.zeros(tensor.shape, dtype=tensor.dtype)
             if device == "disk":
-                if self._offload_root is None:
+                if offload_root is None:
                     parent = Path(offload_folder) if offload_folder else None
                     if parent is not None:
                         parent.mkdir(parents=True, exist_ok=True)
-                    self._offload_root = Path(tempfile.mkdtemp(prefix="hf_soup-offload-", dir=parent))
-                offload_weight(empty, name, str(self._offload_root), index=index)
+                    offload_root = Path(tempfile.mkdtemp(prefix="hf_soup-offload-", dir=parent))
+                offload_weight(empty, name, str(offload_root), index=index)
             else:
                 set_module_tensor_to_device(model, name, device, value=empty)
-        if self._offload_root is not None:
-            save_offload_index(index, str(self._offload_root))
+        if offload_root is not None:
+            save_offload_index(index, str(offload_root))
         model.tie_weights()
-        if len(set(self.device_map.values())) > 1 or "disk" in self.device_map.values():
-            model = dispatch_model(
-                model, self.device_map, offload_dir=str(self._offload_root) if self._offload_root else None
-            )
-        elif next(iter(self.device_map.values())) != "cpu":
-            model.to(next(iter(self.device_map.values())))
+        if len(set(device_map.values())) > 1 or "disk" in device_map.values():
+            model = dispatch_model(model, device_map, offload_dir=str(offload_root) if offload_root else None)
+        elif next(iter(device_map.values())) != "cpu":
+            model.to(next(iter(device_map.values())))
+        self._settle(model, tied, device_map, offload_root, index)
+
+    @classmethod
+    def around(cls, model: torch.nn.Module) -> Kitchen:
+        """A kitchen whose resident model is one that already exists (a `Trainer`'s): candidates are written into
+        its weights in place, where they are; nothing is built, placed or offloaded."""
+        from accelerate.utils import find_tied_parameters
+
+        kitchen = cls.__new__(cls)
+        device = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
+        kitchen._settle(model, find_tied_parameters(model), {"": str(device)}, None, {})
+        return kitchen
+
+    def _settle(self, model, tied: list[list[str]], device_map: dict, offload_root: Path | None, index: dict) -> None:
+        """Hold `model` and find where each of its tensors lives (resident, in an accelerate weights map, on disk)."""
         self.model = model
+        # names that share one tensor (tied embeddings): a write to one is a write to all
+        self._tied = {name: group for group in tied for name in group}
+        self.device_map = device_map
+        self._offload_root = offload_root
         self._offload_index = index
         self._targets = self._find_targets()
 

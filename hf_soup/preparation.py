@@ -119,5 +119,8 @@ class Selection:
 
 
 def open_kitchen(recipe: Recipe, folder: Path, scorer: Scorer, selection: Selection) -> Kitchen:
-    """The one resident model, built from `folder` and placed as the selection says."""
+    """The one resident model: the scorer's own (a Trainer's model), or one built from `folder` and placed as the
+    selection says."""
+    if scorer.resident is not None:
+        return Kitchen.around(scorer.resident)
     return Kitchen(folder, scorer.task, trust_remote_code=recipe.trust_remote_code, **selection.placement)

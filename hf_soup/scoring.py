@@ -207,6 +207,11 @@ class Scorer:
     ```
     """
 
+    # The model a scorer scores in (`None`: the kitchen builds one), and why ensembles of its outputs would not be
+    # defined (`None`: they are; outputs are logits).
+    resident: torch.nn.Module | None = None
+    ensemble_undefined: str | None = None
+
     def __init__(
         self,
         splits: Mapping[str, Any],

@@ -19,7 +19,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    BertTokenizerFast,
+    T5Config,
+    T5ForConditionalGeneration,
+)
 
 ROOT = Path(__file__).parent.parent
 BLOCK = re.compile(r"^```(\w+)\n(.*?)^```", re.S | re.M)
@@ -46,7 +52,8 @@ def sentences(count: int, seed: int) -> list[tuple[str, int]]:
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
-    """`base/` (a tiny BERT classifier with its tokenizer), `data/*.csv` and a copy of `recipes/`."""
+    """`base/` (a tiny BERT classifier with its tokenizer), `base-seq2seq/` (a tiny T5 with the same tokenizer),
+    `data/*.csv` and a copy of `recipes/`."""
     root = tmp_path_factory.mktemp("readme-project")
     vocab = root / "vocab.txt"
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *POSITIVE, *NEGATIVE, *NEUTRAL]) + "\n")
@@ -58,6 +65,14 @@ def project(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     BertForSequenceClassification(config).save_pretrained(root / "base")
     tokenizer.save_pretrained(root / "base")
+    seq2seq = T5Config(
+        vocab_size=tokenizer.vocab_size, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        decoder_start_token_id=tokenizer.pad_token_id, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.sep_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    T5ForConditionalGeneration(seq2seq).save_pretrained(root / "base-seq2seq")
+    tokenizer.save_pretrained(root / "base-seq2seq")
     vocab.unlink()
     (root / "data").mkdir()
     for seed, (split, count) in enumerate({"train": 96, "validation": 32, "test": 32, "shift": 32}.items()):

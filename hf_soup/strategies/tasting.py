@@ -38,9 +38,12 @@ CAPABILITIES = {
 }
 
 
-def metric_stem(name: str | None) -> str:
-    """`"eval_accuracy"` → `"accuracy"`: the Trainer prefixes metric names with the split."""
-    return re.sub(r"^(eval|test|validation)_", "", name or "")
+def metric_stem(name: str | None, split: str | None = None) -> str:
+    """`"eval_accuracy"` → `"accuracy"`: the Trainer prefixes metric names with `eval_` (or the split), and with a
+    dict of eval datasets also with the dataset's name: `"eval_validation_accuracy"` → `"accuracy"` for `split`
+    `"validation"`."""
+    stem = re.sub(r"^(eval|test|validation)_", "", name or "")
+    return stem.removeprefix(f"{split}_") if split else stem
 
 
 class Tasting:
@@ -254,7 +257,7 @@ class Tasting:
             self.reuse_recorded
             and ingredient.value is not None
             and ingredient.split == self.split
-            and metric_stem(ingredient.metric) == metric_stem(self.scorer.metric.name)
+            and metric_stem(ingredient.metric, ingredient.split) == metric_stem(self.scorer.metric.name)
         ):
             return float(ingredient.value)
         return None

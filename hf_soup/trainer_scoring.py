@@ -1,0 +1,214 @@
+"""Scoring with the user's own `Trainer`: its evaluation loop, data collator, `compute_metrics`,
+`metric_for_best_model` / `greater_is_better`, eval datasets and (for a `Seq2SeqTrainer` with
+`predict_with_generate`) its generation settings. Any task a Trainer evaluates can then be souped.
+
+A `TrainerScorer` is a scorer like `hf_soup.scoring.Scorer` (strategies never see the Trainer): each candidate is
+scored by `trainer.predict(split, metric_key_prefix="eval")`, which runs `trainer.evaluate`'s loop without logging
+or firing the evaluate callbacks, so the numbers equal `trainer.evaluate()` on the same weights and split. Its
+resident model is `trainer.model`: candidates are written into it in place (no second copy of the weights), so after
+a cook it holds the last soup served, the chosen one.
+
+Example:
+
+```python
+>>> trainer = Seq2SeqTrainer(model, args, eval_dataset={"validation": val, "test": test},
+...                          data_collator=collator, compute_metrics=rouge)     # args.predict_with_generate=True
+>>> soup = SoupBuilder(pantry="pantry", method="greedy", trainer=trainer).cook("soups/greedy")
+```
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import SoupError, brief
+from .scoring import Batches, Metric
+from .tasks import Task
+
+# model class name ending → task name (what `hf_soup.tasks` and the card call it)
+TASK_NAMES = {
+    "ForSequenceClassification": "sequence-classification",
+    "ForTokenClassification": "token-classification",
+    "ForQuestionAnswering": "question-answering",
+    "ForMultipleChoice": "multiple-choice",
+    "ForCausalLM": "causal-lm",
+    "ForConditionalGeneration": "seq2seq",
+    "ForSeq2SeqLM": "seq2seq",
+    "ForAudioClassification": "audio-classification",
+    "ForImageClassification": "image-classification",
+}
+# `evaluation:` keys that still mean something with a Trainer (the rest comes from the Trainer)
+EVALUATION_KEYS = ("selection_split", "report_splits", "compare", "reuse_recorded_scores")
+
+
+@dataclass(frozen=True)
+class TrainerTask(Task):
+    """The task of a Trainer's model: its forward pass on a batch the Trainer's collator made gives the logits
+    (labels stay in the batch: encoder-decoder models build their decoder inputs from them)."""
+
+    def outputs(self, model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        device = next(model.parameters()).device
+        return model(**{k: v.to(device) for k, v in batch.items()}).logits.float()
+
+
+class Predicted(list):
+    """One model's predictions on a split, as one `(predictions, label_ids)` batch, with the metrics the Trainer's
+    loop computed for them (`metrics`): a `Scorer`'s `Batches`, so ensembles can average them."""
+
+    def __init__(self, predictions: torch.Tensor, label_ids: torch.Tensor, metrics: dict[str, float]):
+        super().__init__([(predictions, label_ids)])
+        self.metrics = metrics
+
+
+class TrainerScorer:
+    """Score candidates with a `transformers.Trainer` (or `Seq2SeqTrainer`).
+
+    Args:
+        trainer (`Trainer`): with `compute_metrics`, `args.metric_for_best_model` and eval data (`eval_dataset`: one
+            `Dataset`, or a dict of named splits: the selection split and the report splits).
+        evaluation (`dict`, *optional*): `selection_split` (default: the split `metric_for_best_model` names, else
+            the first), `report_splits` (default: the other splits), `compare`, `reuse_recorded_scores`.
+
+    Every bad setting is refused here, before any candidate is scored.
+    """
+
+    def __init__(self, trainer, evaluation: Mapping[str, Any] | None = None):
+        evaluation = dict(evaluation or {})
+        extra = [key for key in evaluation if key not in EVALUATION_KEYS]
+        if extra:
+            raise SoupError(
+                f"evaluation {brief(extra[0])} comes from the Trainer when a trainer is given (its eval_dataset, "
+                f"data collator, compute_metrics and metric_for_best_model); give only {', '.join(EVALUATION_KEYS)}"
+            )
+        self.trainer, args = trainer, trainer.args
+        if trainer.compute_metrics is None:
+            raise SoupError(
+                "the Trainer has no compute_metrics, so its evaluation gives only the loss; give it compute_metrics "
+                "(Trainer(..., compute_metrics=...)), the function that turns predictions into the soup's metric"
+            )
+        data = trainer.eval_dataset
+        if data is None or isinstance(data, Mapping) and not data:
+            raise SoupError(
+                "the Trainer has no eval_dataset; give Trainer(..., eval_dataset={'validation': ..., 'test': ...}): "
+                "the selection split and the splits to report"
+            )
+        named = dict(data) if isinstance(data, Mapping) else {evaluation.get("selection_split", "validation"): data}
+        metric, split = _metric_name(args.metric_for_best_model, named)
+        selection = evaluation.get("selection_split", split or next(iter(named)))
+        report = list(evaluation.get("report_splits", [name for name in named if name != selection]))
+        for name, key in [(selection, "selection_split"), *((s, "report_splits") for s in report)]:
+            if name not in named:
+                raise SoupError(
+                    f"evaluation {key} {name!r} is not among the Trainer's eval datasets ({', '.join(named)}); "
+                    "name one of them, or add it to eval_dataset"
+                )
+        self.selection, self.report_splits = selection, report
+        self.splits = {name: named[name] for name in [selection, *[s for s in report if s != selection]]}
+        self.evaluation = {"selection_split": selection, "report_splits": report, **evaluation}
+        greater = args.greater_is_better if args.greater_is_better is not None else not metric.endswith("loss")
+        self.metric = Metric(metric, self._compute_metric, greater)
+        self.generates = bool(getattr(args, "predict_with_generate", False))
+        model_class = type(_unwrap(trainer.model)).__name__
+        name = next((task for end, task in TASK_NAMES.items() if model_class.endswith(end)), "custom")
+        self.task = TrainerTask(name, "", metric, ())
+        self.collator = trainer.data_collator
+        self.resident = trainer.model
+        self.evaluations = 0
+        self.ensemble_undefined: str | None = None  # set when its predictions turn out not to be logits
+        if self.generates:
+            self.ensemble_undefined = "the Trainer generates (predict_with_generate): its predictions are token ids"
+        elif trainer.preprocess_logits_for_metrics is not None:
+            self.ensemble_undefined = "the Trainer's preprocess_logits_for_metrics turns logits into other predictions"
+
+    @property
+    def causal(self) -> bool:
+        return self.task.name == "causal-lm"
+
+    def split(self, name: str):
+        """A split as the Trainer's loop feeds it: the columns the model does not take removed."""
+        if name not in self.splits:
+            raise SoupError(f"no split {name!r}; the Trainer's eval datasets are: {', '.join(self.splits)}")
+        return self.trainer.get_test_dataloader(self.splits[name]).dataset
+
+    def outputs(self, model: torch.nn.Module, split: str) -> Predicted:
+        """`trainer.predict` of `model` on `split`: predictions, labels and the Trainer's metrics."""
+        if split not in self.splits:
+            raise SoupError(f"no split {split!r}; the Trainer's eval datasets are: {', '.join(self.splits)}")
+        trainer, own = self.trainer, self.trainer.model
+        trainer.model = model  # the resident model is the Trainer's own, unless a tasting built another (adapters)
+        try:
+            output = trainer.predict(self.splits[split], metric_key_prefix="eval")
+        finally:
+            trainer.model = own
+        self.evaluations += 1
+        predictions, labels = output.predictions, output.label_ids
+        if isinstance(predictions, tuple) or isinstance(labels, tuple):  # e.g. question answering: start, end
+            self.ensemble_undefined = "the model's predictions are a tuple of arrays, not one array of logits"
+            predictions = predictions[0] if isinstance(predictions, tuple) else predictions
+            labels = labels[0] if isinstance(labels, tuple) else labels
+        metrics = {key.removeprefix("eval_"): value for key, value in output.metrics.items()}
+        if self.metric.name not in metrics:
+            shown = sorted(k for k in metrics if not k.endswith(("_runtime", "_per_second", "preparation_time")))
+            raise SoupError(
+                f"metric_for_best_model {self.metric.name!r} is not among the Trainer's metrics ({', '.join(shown)}); "
+                "set metric_for_best_model to one of them (without the eval_ prefix is fine)"
+            )
+        return Predicted(torch.from_numpy(np.asarray(predictions)), torch.from_numpy(np.asarray(labels)), metrics)
+
+    def _compute_metric(self, batches: Batches, causal: bool) -> float:
+        """The metric of predictions: the Trainer's own number for one model's, `compute_metrics` for an ensemble's
+        averaged logits."""
+        if isinstance(batches, Predicted):
+            return float(batches.metrics[self.metric.name])
+        from transformers import EvalPrediction
+
+        predictions = np.concatenate([b[0].numpy() for b in batches])
+        labels = np.concatenate([b[1].numpy() for b in batches])
+        values = self.trainer.compute_metrics(EvalPrediction(predictions=predictions, label_ids=labels))
+        values = {key.removeprefix("eval_"): value for key, value in values.items()}
+        if self.metric.name not in values:
+            raise SoupError(
+                f"compute_metrics gives no {self.metric.name!r} for averaged logits (it gave {', '.join(values)}); "
+                "metric_for_best_model must be one of compute_metrics' keys for the ensemble rows"
+            )
+        return float(values[self.metric.name])
+
+    def compute(self, batches: Batches) -> float:
+        """The metric of already computed outputs (one model's, or an ensemble's averaged logits)."""
+        return self.metric.compute(batches, self.causal)
+
+    def score(self, model: torch.nn.Module, split: str) -> float:
+        """The metric of `model` on `split`, as `trainer.evaluate` computes it."""
+        return self.compute(self.outputs(model, split))
+
+    def better(self, a: float, b: float, *, strict: bool = False) -> bool:
+        """Whether score `a` beats `b` (`≥` by default, `>` with `strict`), in the metric's direction."""
+        if self.metric.greater_is_better:
+            return a > b if strict else a >= b
+        return a < b if strict else a <= b
+
+
+def _metric_name(metric_for_best_model: str | None, splits: Mapping[str, Any]) -> tuple[str, str | None]:
+    """`metric_for_best_model` without the Trainer's `eval_` prefix, and the split it names (`eval_<split>_<metric>`
+    with a dict of eval datasets), if any."""
+    if not metric_for_best_model:
+        raise SoupError(
+            "the Trainer's args have no metric_for_best_model; set TrainingArguments(metric_for_best_model=...) to "
+            "the compute_metrics key the soup is chosen by (and greater_is_better if it is not obvious)"
+        )
+    name = metric_for_best_model.removeprefix("eval_")
+    for split in splits:
+        if name.startswith(f"{split}_"):
+            return name.removeprefix(f"{split}_"), split
+    return name, None
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside a peft model."""
+    base = getattr(model, "get_base_model", None)
+    return base() if callable(base) else model
