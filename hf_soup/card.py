@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import write_text
+from .comparison import markdown
 from .plots import FIGURES, INSTALL_HINT, draw_report_figures
 from .record import read_record
 
@@ -254,8 +255,6 @@ def card_text(
 ) -> str:
     """The README.md text of a soup folder (see `write_card`)."""
     from huggingface_hub import ModelCardData
-
-    from .comparison import markdown
 
     folder = Path(soup_dir)
     record = read_record(folder)

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ..atomic import write_json
 from ..checkpoint import FLOAT_DTYPES, CheckpointReader, TensorInfo
 from ..errors import SoupError
 from ..writer import CheckpointWriter
@@ -229,8 +230,6 @@ def write_adapter(
 
 def _write_config(folder: Path, adapters: Sequence[Adapter], ranks: dict[str, int], base_name: str | None) -> None:
     """`adapter_config.json` of the soup: the first adapter's settings, every module at scaling 1 (alpha = r)."""
-    from ..atomic import write_json
-
     common = collections.Counter(ranks.values()).most_common(1)[0][0]
     pattern = {re.escape(name): r for name, r in ranks.items() if r != common}
     saved = sorted({m for a in adapters for m in (a.config.get("modules_to_save") or [])})

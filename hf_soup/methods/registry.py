@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import SoupError
+from ..schedules import is_schedule, validate, values_in
 
 # Engine-supplied keyword arguments: a method asks for one by naming it in its signature.
 CONTEXT = {
@@ -84,8 +85,6 @@ class Declaration:
             else:
                 bound[name] = parameter.default
         if self.check is not None:
-            from ..schedules import is_schedule, values_in
-
             scheduled = [name for name in self.scalar if is_schedule(bound.get(name))]
             for name in scheduled:  # every value a schedule can take must pass the method's own checks
                 for value in values_in(bound[name]):
@@ -189,8 +188,6 @@ def _check_type(method: str, name: str, value: Any, annotation: Any) -> Any:
             raise SoupError(f"method {method!r}: {name} must be a list, got {type(value).__name__} {value!r}")
         return [_check_type(method, f"{name}[{i}]", item, args[0] if args else Any) for i, item in enumerate(value)]
     if annotation in (float, int) and isinstance(value, list):
-        from ..schedules import validate
-
         return validate(value, f"method {method!r}: {name}")
     if annotation is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import SoupError
+from ..methods import get_method
 from ..methods.registry import Declaration, declare
 
 
@@ -68,8 +69,6 @@ class StrategyResult:
         """The coefficient of each of the `count` ingredients (or a function of the tensor name giving them) when
         the soup is a linear combination of them (`uniform`, `weighted`, ...); `None` for other methods (ties, ...).
         """
-        from ..methods import get_method
-
         mixing = get_method(self.method).mixing
         if mixing is None:
             return None
