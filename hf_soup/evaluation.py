@@ -2,7 +2,7 @@
 
 ```yaml
 evaluation:
-  task: sequence-classification          # or causal-lm, image-classification
+  task: sequence-classification          # or causal-lm, image-classification, token-classification, multiple-choice
   dataset: {path: csv, data_files: {validation: data/val.csv, test: data/test.csv, shift: data/shift.csv}}
   # or dataset: {load_from_disk: data/my_dataset}   (a DatasetDict saved with save_to_disk)
   columns: {text: sentence, label: label}
@@ -28,14 +28,14 @@ from .tasks import TASKS
 logger = logging.getLogger(__name__)
 
 EVALUATION_KEYS = {
-    "task": "sequence-classification, causal-lm or image-classification",
+    "task": "sequence-classification, causal-lm, image-classification, token-classification or multiple-choice",
     "dataset": "arguments of datasets.load_dataset, or {load_from_disk: DIR}",
     "selection_split": "the split greedy/learned soups are chosen on",
     "report_splits": "splits reported but never used to choose (test, distribution shifts)",
     "metric": "built-in name, evaluate module path, or module:function compute_metrics",
     "greater_is_better": "direction of a metric that is not built in",
     "metric_key": "which value of a metric that returns several",
-    "columns": "{text, text_pair, label} column names of the raw data",
+    "columns": "column names of the raw data by key: text, text_pair, label (tokens, tags; choices, context)",
     "max_length": "tokenizer truncation length",
     "batch_size": "evaluation batch size (default 32)",
     "preprocess": "module:function mapping a batch of raw rows to model inputs (instead of tokenizing text)",
@@ -136,8 +136,11 @@ class Evaluation:
                 names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
                 got = "null (an empty value)" if value is None else f"{type(value).__name__} {brief(value)}"
                 raise SoupError(f"{where}.{key} must be a {names}, got {got} ({EVALUATION_KEYS[key]})")
-        if data.get("task", "sequence-classification") not in TASKS:
-            raise SoupError(f"{where}.task {data['task']!r} is unknown; tasks: {', '.join(TASKS)}")
+        task = data.get("task", "sequence-classification")
+        if task not in TASKS:
+            raise SoupError(
+                f"{where}.task {brief(task)}{did_you_mean(task, TASKS)} is unknown; tasks: {', '.join(TASKS)}"
+            )
         if ("dataset" in data) == ("splits" in data):
             raise SoupError(
                 f"{where} needs `dataset:` (how to load the data), e.g. {{path: csv, data_files: {{...}}}}"
@@ -158,8 +161,10 @@ class Evaluation:
         for key in ("report_splits", "compare"):
             if not all(isinstance(item, str) for item in data.get(key, [])):
                 raise SoupError(f"{where}.{key} must be a list of names (strings), got {brief(data[key])}")
+        keys = ", ".join(TASKS[task].column_keys)
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in data.get("columns", {}).items()):
-            raise SoupError(f"{where}.columns must map text, text_pair, label to column names (strings)")
+            raise SoupError(f"{where}.columns must map {keys} to column names (strings)")
+        TASKS[task].check_columns(data.get("columns", {}), f"{where}.columns")
         for key in ("batch_size", "max_length"):
             if data.get(key) is not None and data[key] < 1:
                 raise SoupError(f"{where}.{key} must be ≥ 1, got {data[key]}")

@@ -7,20 +7,16 @@ shard of the split and the outputs are gathered in order, so every process compu
 from __future__ import annotations
 
 import importlib
-import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from .errors import SoupError, did_you_mean, first_line
-from .tasks import Task, collate, get_task, preprocess_split
-
-Batches = list[tuple[torch.Tensor, torch.Tensor]]  # (logits, labels) per batch, on the CPU, in split order
+from .tasks import Batches, Task, collate, flat, get_task, preprocess_split
 
 
 def process_state():
@@ -29,54 +25,6 @@ def process_state():
     from accelerate import PartialState
 
     return PartialState(cpu=not torch.cuda.is_available())
-
-
-def _lm_pairs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next-token logits and targets, padding (-100) dropped."""
-    logits, labels = logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)
-    keep = labels != -100
-    return logits[keep], labels[keep]
-
-
-def _flat(batches: Batches, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    pairs = [_lm_pairs(lg, lb) if causal else (lg, lb) for lg, lb in batches]
-    return torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
-
-
-def accuracy(batches: Batches, causal: bool) -> float:
-    logits, labels = _flat(batches, causal)
-    return float((logits.argmax(-1) == labels).float().mean())
-
-
-def macro_f1(batches: Batches, causal: bool) -> float:
-    logits, labels = _flat(batches, causal)
-    predictions = logits.argmax(-1)
-    scores = []
-    for label in torch.unique(torch.cat([labels, predictions])):
-        tp = ((predictions == label) & (labels == label)).sum().item()
-        fp = ((predictions == label) & (labels != label)).sum().item()
-        fn = ((predictions != label) & (labels == label)).sum().item()
-        scores.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
-    return float(np.mean(scores))
-
-
-def loss(batches: Batches, causal: bool) -> float:
-    logits, labels = _flat(batches, causal)
-    return float(torch.nn.functional.cross_entropy(logits, labels))
-
-
-def perplexity(batches: Batches, causal: bool) -> float:
-    return math.exp(loss(batches, causal))
-
-
-# name → (function, greater_is_better); computed here, offline, from logits and labels.
-BUILTIN_METRICS: dict[str, tuple[Callable[[Batches, bool], float], bool]] = {
-    "accuracy": (accuracy, True),
-    "next_token_accuracy": (accuracy, True),
-    "macro_f1": (macro_f1, True),
-    "loss": (loss, False),
-    "perplexity": (perplexity, False),
-}
 
 
 @dataclass
@@ -96,12 +44,13 @@ def make_metric(
     key: str | None = None,
     trust_remote_code: bool = False,
 ) -> Metric:
-    """A `Metric` from a built-in name, an `evaluate` module (local path; a Hub name only with `trust_remote_code`,
-    as its Python code is downloaded and run), a Trainer-style `compute_metrics(EvalPrediction) -> dict` callable,
-    or `"module:function"` naming one."""
+    """A `Metric` from a name the task builds in (`task.metrics`), an `evaluate` module (local path; a Hub name only
+    with `trust_remote_code`, as its Python code is downloaded and run), a Trainer-style
+    `compute_metrics(EvalPrediction) -> dict` callable, or `"module:function"` naming one."""
     metric = metric or task.default_metric
-    if isinstance(metric, str) and metric in BUILTIN_METRICS:
-        function, direction = BUILTIN_METRICS[metric]
+    builtin = task.metrics
+    if isinstance(metric, str) and metric in builtin:
+        function, direction = builtin[metric]
         return Metric(metric, function, direction if greater_is_better is None else greater_is_better)
     if isinstance(metric, str) and ":" in metric and not os.path.exists(metric):
         module_name, _, attribute = metric.partition(":")
@@ -135,7 +84,9 @@ def _callable_metric(function: Callable, task: Task, greater_is_better: bool | N
 
     def compute(batches: Batches, causal: bool) -> float:
         logits, labels = (
-            _padded(batches) if causal else (torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]))
+            _padded(batches)
+            if batches[0][0].dim() == 3 and batches[0][1].dim() == 2  # per-token logits: causal, token classes
+            else (torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]))
         )
         values = function(EvalPrediction(predictions=logits.numpy(), label_ids=labels.numpy()))
         return _pick(values, key, name)
@@ -153,9 +104,10 @@ def _padded(batches: Batches) -> tuple[torch.Tensor, torch.Tensor]:
 def _evaluate_metric(
     name: str, task: Task, greater_is_better: bool | None, key: str | None, trust_remote_code: bool
 ) -> Metric:
+    builtin = task.metrics
     if not os.path.exists(name) and not trust_remote_code:
         raise SoupError(
-            f"metric {name!r}{did_you_mean(name, BUILTIN_METRICS)} is not built in ({', '.join(BUILTIN_METRICS)}) "
+            f"metric {name!r}{did_you_mean(name, builtin)} is not built in for {task.name} ({', '.join(builtin)}) "
             "nor a local evaluate module; an evaluate module from the Hub runs downloaded Python code, so hf_soup "
             "loads one only with trust_remote_code: true in the recipe; or give a compute_metrics 'module:function'"
         )
@@ -166,16 +118,16 @@ def _evaluate_metric(
     except Exception as error:  # noqa: BLE001 - evaluate raises many kinds of errors when offline or missing
         local = " (a local path)" if Path(name).exists() else ""
         raise SoupError(
-            f"cannot load evaluate metric {name!r}{local}{did_you_mean(name, BUILTIN_METRICS)}: "
+            f"cannot load evaluate metric {name!r}{local}{did_you_mean(name, builtin)}: "
             f"{first_line(error)}; offline, use a built-in metric "
-            f"({', '.join(BUILTIN_METRICS)}), an evaluate module folder or script by local path, or a compute_metrics "
+            f"({', '.join(builtin)}), an evaluate module folder or script by local path, or a compute_metrics "
             "callable"
         ) from None
     if greater_is_better is None:
         raise SoupError(f"evaluate metric {name!r}: say greater_is_better: true or false")
 
     def compute(batches: Batches, causal: bool) -> float:
-        logits, labels = _flat(batches, causal)
+        logits, labels = flat(batches, causal)
         values = module.compute(predictions=logits.argmax(-1).tolist(), references=labels.tolist())
         return _pick(values, key or getattr(module, "name", None), f"evaluate metric {name!r}")
 
@@ -188,8 +140,9 @@ class Scorer:
     Args:
         splits (`dict[str, datasets.Dataset]`): raw splits (e.g. `{"validation": ..., "test": ..., "shift": ...}`).
         task (`str`, *optional*, defaults to `"sequence-classification"`): see `hf_soup.tasks.TASKS`.
-        metric: a built-in name (`accuracy`, `macro_f1`, `loss`, `perplexity`, `next_token_accuracy`), an
-            `evaluate` module path, a `compute_metrics` callable, or `"module:function"`.
+        metric: a name the task builds in (`task.metrics`: `accuracy`, `macro_f1`, `loss`, `perplexity`,
+            `next_token_accuracy`; `entity_f1`, `entity_precision`, `entity_recall`, `token_accuracy` for token
+            classification), an `evaluate` module path, a `compute_metrics` callable, or `"module:function"`.
         greater_is_better (`bool`, *optional*): direction; built-in metrics know theirs.
         metric_key (`str`, *optional*): which value of a dict-returning metric to use.
         tokenizer, columns, max_length, preprocess: see `hf_soup.tasks.preprocess_split`.
@@ -233,6 +186,7 @@ class Scorer:
         if batch_size < 1:
             raise SoupError(f"batch_size must be ≥ 1, got {batch_size}")
         self.task = get_task(task)
+        self.task.check_columns(columns or {}, "columns")
         self.metric = make_metric(
             metric,
             task=self.task,

@@ -1,0 +1,101 @@
+"""Tasks: how a split becomes model inputs (once), how examples are batched, how a model's outputs become logits
+and labels, and which metrics a task computes. One module per task family, each task one object:
+
+- `sequences`: `sequence-classification`, `causal-lm`
+- `images`: `image-classification`
+- `tokens`: `token-classification` (tags aligned to sub-words, seqeval entity metrics)
+- `choices`: `multiple-choice` (`[B, C, T]` batches)
+
+Scorers and strategies see only a task's methods (`preprocess`, `collate`, `outputs`, `metrics`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from ..errors import SoupError, did_you_mean
+from .base import Batches, MetricFunction, Task, input_device
+from .choices import MultipleChoice
+from .images import ImageClassification
+from .logits import flat
+from .sequences import CausalLM, SequenceClassification
+from .tokens import TokenClassification
+
+__all__ = [
+    "TASKS",
+    "Batches",
+    "MetricFunction",
+    "Task",
+    "collate",
+    "flat",
+    "get_task",
+    "input_device",
+    "preprocess_split",
+    "training_loss",
+]
+
+TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+TASKS: dict[str, Task] = {
+    task.name: task
+    for task in (
+        SequenceClassification(
+            "sequence-classification", "AutoModelForSequenceClassification", "accuracy", TEXT_INPUTS
+        ),
+        CausalLM("causal-lm", "AutoModelForCausalLM", "loss", ("input_ids", "attention_mask")),
+        ImageClassification("image-classification", "AutoModelForImageClassification", "accuracy", ("pixel_values",)),
+        TokenClassification("token-classification", "AutoModelForTokenClassification", "entity_f1", TEXT_INPUTS),
+        MultipleChoice("multiple-choice", "AutoModelForMultipleChoice", "accuracy", TEXT_INPUTS),
+    )
+}
+
+
+def get_task(name: str) -> Task:
+    """A new instance of the task called `name` (a scorer's own)."""
+    if name not in TASKS:
+        raise SoupError(f"unknown task {name!r}{did_you_mean(name, TASKS)}; tasks: {', '.join(TASKS)}")
+    return TASKS[name].fresh()
+
+
+def training_loss(logits: torch.Tensor, labels: torch.Tensor, causal: bool) -> torch.Tensor:
+    """Cross-entropy of logits against labels, -100 ignored (next-token for causal LMs; per sub-word for token
+    classification; per row over its choices for multiple choice)."""
+    if causal:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    return torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100
+    )
+
+
+def preprocess_split(
+    dataset,
+    task: Task,
+    *,
+    split: str,
+    tokenizer=None,
+    columns: Mapping[str, str] | None = None,
+    max_length: int | None = None,
+    preprocess: Callable[[Any], Any] | None = None,
+):
+    """Turn a raw `datasets.Dataset` into model inputs plus `labels`, once.
+
+    Args:
+        dataset: the split.
+        task (`Task`): what the rows are (`get_task(name)`); its `column_keys` are the `columns` it reads.
+        columns (`dict`, *optional*): raw column names by key, e.g. `{"text": "sentence", "label": "label"}`, or
+            `{"tokens": "words", "tags": "ner_tags"}` for token classification.
+        preprocess: a function `batch -> batch` used instead of the task's own (e.g. an image processor); its
+            output must hold the model inputs and the label column.
+    """
+    columns = dict(columns or {})
+    if preprocess is not None:
+        return task.finish(dataset.map(preprocess, batched=True), split=split, columns=columns)
+    return task.preprocess(dataset, split=split, tokenizer=tokenizer, columns=columns, max_length=max_length)
+
+
+def collate(task: Task, tokenizer=None) -> Callable[[list[dict]], dict[str, torch.Tensor]]:
+    """The task's batching of examples (padding with the tokenizer's pad id; label padding -100 where labels are
+    sequences)."""
+    return task.collate(tokenizer)
