@@ -27,8 +27,9 @@ def flat(batches: Batches, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def accuracy(batches: Batches, causal: bool) -> float:
+    """The share of right argmax predictions (counted in float64: exactly right / total)."""
     logits, labels = flat(batches, causal)
-    return float((logits.argmax(-1) == labels).float().mean())
+    return float((logits.argmax(-1) == labels).double().mean())
 
 
 def macro_f1(batches: Batches, causal: bool) -> float:
