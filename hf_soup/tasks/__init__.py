@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..errors import SoupError, did_you_mean
+from ..errors import SoupError, brief, did_you_mean
 from .base import Batches, MetricFunction, Task, input_device
 from .choices import MultipleChoice
 from .images import ImageClassification
@@ -55,7 +55,7 @@ TASKS: dict[str, Task] = {
 def get_task(name: str) -> Task:
     """A new instance of the task called `name` (a scorer's own)."""
     if name not in TASKS:
-        raise SoupError(f"unknown task {name!r}{did_you_mean(name, TASKS)}; tasks: {', '.join(TASKS)}")
+        raise SoupError(f"unknown task {brief(name)}{did_you_mean(name, TASKS)}; tasks: {', '.join(TASKS)}")
     return TASKS[name].fresh()
 
 

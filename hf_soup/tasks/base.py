@@ -79,7 +79,7 @@ class Task:
         holds the model's inputs (tokenised, or an image processor's `pixel_values`)."""
         if not set(self.inputs) & set(dataset.column_names):
             raise SoupError(
-                f"split {split!r} has none of the model inputs {', '.join(self.inputs)} (columns: "
+                f"split {brief(split)} has none of the model inputs {', '.join(self.inputs)} (columns: "
                 f"{', '.join(sorted(dataset.column_names))}); give a `preprocess` function (e.g. a processor) that "
                 "makes them"
             )
@@ -91,7 +91,7 @@ class Task:
         if "labels" not in dataset.column_names:
             if label not in dataset.column_names:
                 raise SoupError(
-                    f"split {split!r} has no label column {label!r} (columns: "
+                    f"split {brief(split)} has no label column {brief(label)} (columns: "
                     f"{', '.join(sorted(dataset.column_names))}); name it in evaluation.columns.{self.label_key}"
                 )
             dataset = dataset.rename_column(label, "labels")
@@ -137,8 +137,8 @@ def require_columns(dataset, wanted: Mapping[str, str | None], *, split: str) ->
     for key, name in wanted.items():
         if name is not None and name not in dataset.column_names:
             raise SoupError(
-                f"split {split!r} has no {key} column {name!r} (columns: {', '.join(sorted(dataset.column_names))})"
-                f"; name it in evaluation.columns.{key}"
+                f"split {brief(split)} has no {key} column {brief(name)} (columns: "
+                f"{', '.join(sorted(dataset.column_names))}); name it in evaluation.columns.{key}"
             )
 
 

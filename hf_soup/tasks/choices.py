@@ -84,23 +84,23 @@ def check_choices(choices: list, labels: list, split: str) -> int:
     for row, (row_choices, label) in enumerate(zip(choices, labels)):
         if not isinstance(row_choices, list) or not all(isinstance(c, str) for c in row_choices):
             raise SoupError(
-                f"split {split!r} row {row}: choices must be a list of strings (the candidate answers), got "
+                f"split {brief(split)} row {row}: choices must be a list of strings (the candidate answers), got "
                 f"{brief(row_choices)}; name the list column in evaluation.columns.choices"
             )
         if count is None:
             count = len(row_choices)
             if count < 2:
-                raise SoupError(f"split {split!r} row {row}: {count} choice(s); a multiple-choice row needs ≥ 2")
+                raise SoupError(f"split {brief(split)} row {row}: {count} choice(s); a multiple-choice row needs ≥ 2")
         elif len(row_choices) != count:
             raise SoupError(
-                f"split {split!r} row {row} has {len(row_choices)} choices, row 0 has {count}; every row of a split "
-                "needs the same number of choices (one [C, T] tensor per row)"
+                f"split {brief(split)} row {row} has {len(row_choices)} choices, row 0 has {count}; every row of a "
+                "split needs the same number of choices (one [C, T] tensor per row)"
             )
         if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < count:
             raise SoupError(
-                f"split {split!r} row {row}: label {brief(label)} is not the index of one of its {count} choices "
+                f"split {brief(split)} row {row}: label {brief(label)} is not the index of one of its {count} choices "
                 f"(0…{count - 1})"
             )
     if count is None:
-        raise SoupError(f"split {split!r} has no rows")
+        raise SoupError(f"split {brief(split)} has no rows")
     return count

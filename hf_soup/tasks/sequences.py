@@ -9,7 +9,7 @@ from typing import ClassVar
 
 import torch
 
-from ..errors import SoupError
+from ..errors import SoupError, brief
 from .base import Task, pad_sequences, pad_token_id, require_columns
 
 
@@ -26,7 +26,7 @@ class SequenceClassification(Task):
             return self.finish(dataset, split=split, columns=columns)  # already tokenised
         if text not in names:
             raise SoupError(
-                f"split {split!r} has no text column {text!r} (columns: {', '.join(sorted(names))}); "
+                f"split {brief(split)} has no text column {brief(text)} (columns: {', '.join(sorted(names))}); "
                 "name it in evaluation.columns.text"
             )
         if tokenizer is None:

@@ -76,14 +76,15 @@ class TokenClassification(Task):
         """Refuse rows whose words are not a list of strings or whose tags do not match them; the tag names used."""
         names: set[str] = set()
         for row, (row_words, row_tags) in enumerate(zip(words, tags)):
+            where = f"split {brief(split)} row {row}"
             if not isinstance(row_words, list) or not all(isinstance(w, str) for w in row_words):
                 raise SoupError(
-                    f"split {split!r} row {row}: tokens must be a list of words (strings), got {brief(row_words)}; "
+                    f"{where}: tokens must be a list of words (strings), got {brief(row_words)}; "
                     "split the text into words first"
                 )
             if not isinstance(row_tags, list) or len(row_tags) != len(row_words):
                 raise SoupError(
-                    f"split {split!r} row {row}: tags must be a list with one tag per word ({len(row_words)} words), "
+                    f"{where}: tags must be a list with one tag per word ({len(row_words)} words), "
                     f"got {brief(row_tags)}"
                 )
             for tag in row_tags:
@@ -91,7 +92,7 @@ class TokenClassification(Task):
                     names.add(tag)
                 elif isinstance(tag, bool) or not isinstance(tag, int) or tag < 0:
                     raise SoupError(
-                        f"split {split!r} row {row}: tag {brief(tag)} is neither a label id (an integer ≥ 0) nor a "
+                        f"{where}: tag {brief(tag)} is neither a label id (an integer ≥ 0) nor a "
                         "label name of the model's config.label2id"
                     )
         return names
@@ -113,15 +114,15 @@ class TokenClassification(Task):
         for split, largest in self._bound.get("largest", {}).items():
             if largest >= config.num_labels:
                 raise SoupError(
-                    f"split {split!r} has tag id {largest}, out of range of the model's {config.num_labels} labels "
-                    f"({brief(list(names))}); give tags the model was trained with (ids < {config.num_labels})"
+                    f"split {brief(split)} has tag id {largest}, out of range of the model's {config.num_labels} "
+                    f"labels ({brief(list(names))}); give tags the model was trained with (ids < {config.num_labels})"
                 )
         for name, id_ in self._bound.get("label2id", {}).items():
             if config.label2id.get(name) != id_:
                 raise SoupError(
-                    f"tag {name!r} was mapped to label {id_} by the config beside the tokenizer, but the scored model "
-                    f"maps it to {config.label2id.get(name)}; save the fine-tuned config (with its id2label) with "
-                    "the tokenizer, or give tags as label ids"
+                    f"tag {brief(name)} was mapped to label {id_} by the config beside the tokenizer, but the scored "
+                    f"model maps it to {config.label2id.get(name)}; save the fine-tuned config (with its id2label) "
+                    "with the tokenizer, or give tags as label ids"
                 )
         self._bound["names"] = names
 
@@ -157,14 +158,14 @@ def label_ids(tokenizer, names: set[str], split: str) -> dict[str, int]:
     folder = Path(str(getattr(tokenizer, "name_or_path", "")))
     if not (folder / "config.json").is_file():
         raise SoupError(
-            f"split {split!r} gives tags as names ({brief(sorted(names))}) but no model config lies beside the "
+            f"split {brief(split)} gives tags as names ({brief(sorted(names))}) but no model config lies beside the "
             "tokenizer to map them through label2id; give tags as label ids, or save the config with the tokenizer"
         )
     label2id = AutoConfig.from_pretrained(folder).label2id
     unknown = sorted(names - set(label2id))
     if unknown:
         raise SoupError(
-            f"split {split!r} has tag {brief(unknown[0])}, which is not among the model's labels "
+            f"split {brief(split)} has tag {brief(unknown[0])}, which is not among the model's labels "
             f"({brief(list(label2id))} in {folder}/config.json); give tags the model was trained with"
         )
     return {name: label2id[name] for name in names}
