@@ -55,9 +55,9 @@ def project(tmp_path_factory) -> Path:
     """`base/` (a tiny BERT classifier with its tokenizer), `base-seq2seq/` (a tiny T5 with the same tokenizer),
     `data/*.csv` and a copy of `recipes/`."""
     root = tmp_path_factory.mktemp("readme-project")
-    vocab = root / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *POSITIVE, *NEGATIVE, *NEUTRAL]) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(vocab))
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *POSITIVE, *NEGATIVE, *NEUTRAL]
+    tokenizer = BertTokenizerFast(vocab={word: i for i, word in enumerate(words)})  # (vocab_file= is ignored in 5.x)
+    assert tokenizer.unk_token_id not in tokenizer("a good movie")["input_ids"]
     config = BertConfig(
         vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
         intermediate_size=64, max_position_embeddings=32, num_labels=2,
@@ -73,7 +73,6 @@ def project(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     T5ForConditionalGeneration(seq2seq).save_pretrained(root / "base-seq2seq")
     tokenizer.save_pretrained(root / "base-seq2seq")
-    vocab.unlink()
     (root / "data").mkdir()
     for seed, (split, count) in enumerate({"train": 96, "validation": 32, "test": 32, "shift": 32}.items()):
         lines = ["sentence,label", *(f"{text},{label}" for text, label in sentences(count, seed))]

@@ -271,3 +271,16 @@ def test_the_resident_model_is_the_trainers_own(tmp_path, classifier_runs):
         assert torch.equal(value, expected), name
     assert soup.record["strategy"]["selection_split"] == "validation"  # a single eval Dataset is the selection split
     assert np.isfinite(soup.record["strategy"]["score"])
+
+
+def test_learned_soup_through_the_trainer(tmp_path):
+    """The learned soup trains its coefficients on batches the Trainer's collator makes; its score is the Trainer's."""
+    from transformers import BertForSequenceClassification
+
+    folders = runs(tmp_path, lambda: BertForSequenceClassification(bert_config(num_labels=2)), k=2)
+    data = {"validation": classification_data(32, 1), "test": classification_data(32, 2)}
+    soup, _ = check_against_evaluate(
+        tmp_path, folders, BertForSequenceClassification, data, method="learned", compute_metrics=accuracy
+    )
+    alpha = soup.record["strategy"]["alpha_mean"]
+    assert len(alpha) == 2 and sum(alpha) == pytest.approx(1.0)
