@@ -125,10 +125,9 @@ def _plot(args: argparse.Namespace) -> int:
     from . import plots
 
     if args.kind == "report":
-        from .card import write_card
-        from .record import read_record
+        from .card import read_soup, write_card
 
-        read_record(args.target)
+        read_soup(args.target)  # every file the card reads is checked before a figure is drawn
         written = plots.draw_report_figures(args.target)
         if not written:
             raise SoupError(
