@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import SoupError, brief
-from .jsonfile import read_model_file
+from .jsonfile import is_kind, read_model_file
 
 LEDGER = "pantry.json"  # the ledger's file name, named in errors about its records
 KINDS = ("full", "adapter")
@@ -143,7 +143,7 @@ def _file_name(name: str) -> bool:
 
 
 def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return is_kind(value, "number")  # not a boolean, nor an integer too large for a float
 
 
 _FIELD_TYPES: dict[str, tuple[Any, str]] = {

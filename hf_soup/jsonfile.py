@@ -67,7 +67,7 @@ class Shape:
 
     def allows(self, value: Any) -> bool:
         """Whether `value`'s own type is one of `kinds` (what it holds is not looked at)."""
-        return any(_is(value, kind) for kind in self.kinds)
+        return any(is_kind(value, kind) for kind in self.kinds)
 
 
 def shape(*kinds: str, fields: Mapping[str, Shape] | None = None, required=(), each: Shape | None = None) -> Shape:
@@ -78,7 +78,9 @@ def shape(*kinds: str, fields: Mapping[str, Shape] | None = None, required=(), e
 ANY = shape(*TYPE_NAMES)
 
 
-def _is(value: Any, kind: str) -> bool:
+def is_kind(value: Any, kind: str) -> bool:
+    """Whether `value` is of the JSON type `kind` (a key of `TYPE_NAMES`): booleans are not numbers, and an integer
+    too large for a float is not a number."""
     if kind == "null":
         return value is None
     if kind == "boolean":
@@ -285,6 +287,7 @@ __all__ = [
     "Shape",
     "check",
     "check_model_files",
+    "is_kind",
     "parse_json",
     "read_json",
     "read_model_file",
