@@ -162,8 +162,13 @@ def _inspect(args: argparse.Namespace) -> int:
 
     from .inspection import inspect_ingredients
 
-    logging.getLogger("hf_soup.inspection").setLevel(logging.ERROR)  # its warnings are printed with the report
-    report = inspect_ingredients(args.folders, args.base, min_weight_cosine=args.min_cosine)
+    quiet = logging.getLogger("hf_soup.inspection")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # its warnings are printed with the report
+    try:
+        report = inspect_ingredients(args.folders, args.base, min_weight_cosine=args.min_cosine)
+    finally:
+        quiet.setLevel(level)  # `main` is called in-process too (tests, notebooks): leave logging as it was
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.text())
     return 0 if report.compatible else 1
 

@@ -395,3 +395,17 @@ def test_trainer_state_is_never_read(stock, tmp_path):
         (tmp_path / name / "trainer_state.json").write_text("[1, 2]")
     soup = SoupBuilder([tmp_path / "run0", tmp_path / "run1"]).cook(tmp_path / "soup", progress=False)
     assert not (soup.path / "trainer_state.json").exists()
+
+
+def test_a_tokenizer_transformers_cannot_load_is_one_line(tmp_path):
+    """The tokenizer a scorer needs: a wrong shape is refused before Transformers reads it; what Transformers still
+    refuses becomes one line naming the folder."""
+    from hf_soup.preparation import saved_tokenizer
+
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"pad_token": ["<pad>"]}))
+    with pytest.raises(SoupError, match=r"tokenizer_config.json: field pad_token must be .* found a list"):
+        saved_tokenizer(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "NoSuchTokenizerFast"}))
+    with pytest.raises(SoupError, match="cannot load the tokenizer saved in") as error:
+        saved_tokenizer(tmp_path)
+    assert len(str(error.value).splitlines()) == 1 and str(tmp_path) in str(error.value)
