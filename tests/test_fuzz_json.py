@@ -99,7 +99,7 @@ def places(value, declared: Shape, path=()):
             yield from places(item, declared.each, (*path, number))
 
 
-def required(value, declared: Shape, path=()):
+def required(value, declared: Shape):
     """The path of every required field `value` has (a mutation drops one)."""
     for place, inner in places(value, declared):
         container = value
