@@ -19,6 +19,7 @@ from .comparison import choose
 from .compat import check_configs
 from .errors import SoupError
 from .inspection import task_vector_geometry
+from .jsonfile import read_model_file
 from .merge import Parameters, Plan, plan_soup, stream_merge
 from .methods import Method, get_method
 from .preparation import Located, Selection, locate, open_kitchen, prepare_scorer, saved_tokenizer
@@ -153,7 +154,7 @@ class SoupBuilder:
                 source = folders[parameters["rest"]] if rearranged else folders[0]
                 copy_side_files(recipe.base_model or source, staging.folder, dtype)
                 if getattr(declared, "configure", None) is not None and (staging.folder / "config.json").is_file():
-                    config = declared.configure(json.loads((staging.folder / "config.json").read_text()), parameters)
+                    config = declared.configure(read_model_file(staging.folder, "config.json"), parameters)
                     (staging.folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
                 sections = dict(decision.sections)
                 if declared.kind == "strategy":  # figure 5's data: angles between task vectors, streamed

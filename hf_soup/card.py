@@ -16,16 +16,16 @@ Example:
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
 from typing import Any
 
 from .atomic import write_text
-from .comparison import markdown
+from .comparison import markdown, rounded
+from .jsonfile import check_model_files, read_model_file
 from .plots import FIGURES, INSTALL_HINT, draw_report_figures
-from .record import read_record
+from .record import FIX, read_record
 
 TAGS = ["hf_soup", "model-soup", "merge"]
 PIPELINES = {
@@ -46,9 +46,9 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 def _base_models(record: dict[str, Any], folder: Path) -> list[str]:
     """Hub ids the soup was fine-tuned from (local paths are left out: the Hub would reject them)."""
     candidates = [record.get("base_model"), *(i.get("base_model") for i in record["ingredients"])]
-    adapter_config = folder / "adapter_config.json"
-    if adapter_config.is_file():
-        candidates.append(json.loads(adapter_config.read_text()).get("base_model_name_or_path"))
+    adapter_config = read_model_file(folder, "adapter_config.json", fix=FIX)
+    if adapter_config is not None:
+        candidates.append(adapter_config.get("base_model_name_or_path"))
     found = []
     for name in candidates:
         if isinstance(name, str) and HUB_ID.match(name) and not os.path.exists(name) and name not in found:
@@ -60,8 +60,7 @@ def _task(record: dict[str, Any], folder: Path) -> str | None:
     evaluation = record["recipe"].get("evaluation")
     if isinstance(evaluation, dict):
         return evaluation.get("task", "sequence-classification")
-    config = folder / "config.json"
-    architectures = json.loads(config.read_text()).get("architectures") or [] if config.is_file() else []
+    architectures = (read_model_file(folder, "config.json", fix=FIX) or {}).get("architectures") or []
     return next((task for end, task in ARCHITECTURES.items() for a in architectures if a.endswith(end)), None)
 
 
@@ -95,7 +94,7 @@ def eval_results(record: dict[str, Any], folder: Path) -> list:
             dataset_split=split,
             metric_type=report["metric"],
             metric_name=f"{report['metric']} ({split}{', selection' if split == report['selection_split'] else ''})",
-            metric_value=row[split],
+            metric_value=rounded(row[split]),  # as the table shows it; soup.json keeps the exact value
         )
         for split in report["splits"]
         if split in row
@@ -123,7 +122,8 @@ def _ingredients(record: dict[str, Any]) -> list[str]:
         if kept:
             decision = "accepted" if kept.get(item["id"]) else "rejected"
         else:
-            decision = "-" if item.get("weight") is None else f"{item['weight']:.4g}"
+            weight = item.get("weight")
+            decision = f"{weight:.4g}" if isinstance(weight, (int, float)) else "per layer" if weight else "-"
         digests = item.get("sha256") or {}
         digest = next(iter(digests.values()))[:12] if len(digests) == 1 else f"{len(digests)} files"
         cells = [item["id"], item.get("run") or "-", parameters or "-", metric, decision, f"`{digest}`"]
@@ -250,6 +250,14 @@ def _figures(record: dict[str, Any], folder: Path, shown: Path) -> list[str]:
     return lines
 
 
+def read_soup(soup_dir: str | os.PathLike) -> dict[str, Any]:
+    """The checked `soup.json` of a soup folder, after every other JSON file of the folder that the card reads, the
+    hub uploads or Transformers loads has been checked (`hf_soup.jsonfile.check_model_files`)."""
+    record = read_record(soup_dir)
+    check_model_files(Path(soup_dir), fix=FIX)
+    return record
+
+
 def card_text(
     soup_dir: str | os.PathLike, *, output: str | os.PathLike | None = None, repo_id: str | None = None
 ) -> str:
@@ -257,7 +265,7 @@ def card_text(
     from huggingface_hub import ModelCardData
 
     folder = Path(soup_dir)
-    record = read_record(folder)
+    record = read_soup(folder)
     name = repo_id.split("/")[-1] if repo_id else Path(output or folder).absolute().name
     adapter = any(str(f).startswith("adapter_model") for f in record.get("files", []))
     task = _task(record, folder)
@@ -311,7 +319,7 @@ def write_card(soup_dir: str | os.PathLike, *, output: str | os.PathLike | None 
 
 def explain_soup(soup_dir: str | os.PathLike, *, output: str | os.PathLike | None = None) -> None:
     """What every cook ends with: figures 1, 2 and 5 from `soup.json` (strategy soups), then the model card."""
-    record = read_record(soup_dir)
+    record = read_soup(soup_dir)
     if record.get("report") or record.get("task_vectors"):
         draw_report_figures(soup_dir)
     write_card(soup_dir, output=output)

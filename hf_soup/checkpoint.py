@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from .errors import SoupError, brief
+from .jsonfile import SHARD_INDEX, SHARD_INDEX_FIX, read_json
 
 SAFE_SINGLE = ("model.safetensors", "adapter_model.safetensors")
 SAFE_INDEX = ("model.safetensors.index.json",)
@@ -120,13 +121,9 @@ def weight_files(folder: str | os.PathLike, *, allow_pickle: bool = False) -> li
 
 
 def _read_index(index: Path) -> dict[str, str]:
-    fix = "re-save the checkpoint (save_pretrained) or copy its index again"
-    try:
-        data = json.loads(index.read_text())
-    except (OSError, ValueError) as error:
-        raise SoupError(f"shard index {index} is not valid JSON ({error}); {fix}") from None
-    weight_map = data.get("weight_map") if isinstance(data, dict) else None
-    if not isinstance(weight_map, dict) or not weight_map:
+    fix = SHARD_INDEX_FIX
+    weight_map = read_json(index, SHARD_INDEX, fix=fix, label="shard index ")["weight_map"]
+    if not weight_map:
         raise SoupError(f"shard index {index} has no 'weight_map' of tensor names to shard files; {fix}")
     wrong = next(((k, v) for k, v in weight_map.items() if not isinstance(v, str) or not v), None)
     if wrong is not None:

@@ -125,10 +125,9 @@ def _plot(args: argparse.Namespace) -> int:
     from . import plots
 
     if args.kind == "report":
-        from .card import write_card
-        from .record import read_record
+        from .card import read_soup, write_card
 
-        read_record(args.target)
+        read_soup(args.target)  # every file the card reads is checked before a figure is drawn
         written = plots.draw_report_figures(args.target)
         if not written:
             raise SoupError(
@@ -163,8 +162,13 @@ def _inspect(args: argparse.Namespace) -> int:
 
     from .inspection import inspect_ingredients
 
-    logging.getLogger("hf_soup.inspection").setLevel(logging.ERROR)  # its warnings are printed with the report
-    report = inspect_ingredients(args.folders, args.base, min_weight_cosine=args.min_cosine)
+    quiet = logging.getLogger("hf_soup.inspection")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # its warnings are printed with the report
+    try:
+        report = inspect_ingredients(args.folders, args.base, min_weight_cosine=args.min_cosine)
+    finally:
+        quiet.setLevel(level)  # `main` is called in-process too (tests, notebooks): leave logging as it was
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.text())
     return 0 if report.compatible else 1
 

@@ -6,6 +6,7 @@ report split would leak). Ensembles average the ingredients' logits.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,15 @@ from typing import Any
 from .strategies.ensemble import average_logits, greedy_ensemble
 from .strategies.registry import STRATEGIES, Strategy, StrategyResult, get_strategy
 from .strategies.tasting import Coefficients, Tasting, serve
+
+# Scores shown to people (this report's table, the model card's `model-index`) are rounded to 4 decimals;
+# `soup.json` keeps them exact.
+DECIMALS = 4
+
+
+def rounded(score: float) -> float:
+    """`score` rounded to `DECIMALS` decimals for people (NaN and infinities as they are)."""
+    return round(score, DECIMALS) if isinstance(score, float) and math.isfinite(score) else score
 
 
 def compare(
@@ -69,7 +79,7 @@ def markdown(report: Mapping[str, Any]) -> str:
         "|---|" + "---:|" * len(splits),
     ]
     for name, scores in report["rows"].items():
-        lines.append(f"| {name} | " + " | ".join(f"{scores[s]:.4f}" for s in splits) + " |")
+        lines.append(f"| {name} | " + " | ".join(f"{scores[s]:.{DECIMALS}f}" for s in splits) + " |")
     return "\n".join(lines)
 
 

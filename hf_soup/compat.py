@@ -4,30 +4,24 @@ unless opted in. (Tensor names, shapes and dtypes are checked by the engine's pl
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import SoupError
+from .jsonfile import check_model_files, read_model_file
 
 
 def read_config(folder: Path, name: str = "config.json") -> dict | None:
-    """`config.json` (or another JSON file) of a model folder as a dict (`None` when absent); bad JSON is a clear
-    error."""
-    path = folder / name
-    if not path.is_file():
-        return None
-    try:
-        config = json.loads(path.read_text())
-    except ValueError as error:
-        raise SoupError(f"{path} is not valid JSON ({error}); save the model again") from None
-    if not isinstance(config, dict):
-        raise SoupError(f"{path} must hold a JSON object")
-    return config
+    """`config.json` (or another JSON file of `hf_soup.jsonfile.MODEL_FILES`) of a model folder as a dict (`None`
+    when absent), checked: bad JSON or a wrong shape is a clear error."""
+    return read_model_file(folder, name)
 
 
 def check_configs(folders: Sequence[Path], labels: Sequence[str], *, trust_remote_code: bool = False) -> None:
-    """Same `model_type` and `architectures` everywhere; remote-code configs (model or tokenizer) only on opt-in."""
+    """Every JSON file of every folder has its shape (`check_model_files`); same `model_type` and `architectures`
+    everywhere; remote-code configs (model or tokenizer) only on opt-in."""
+    for folder in folders:
+        check_model_files(folder)
     configs = [read_config(folder) for folder in folders]
     first = next(((label, c) for label, c in zip(labels, configs) if c is not None), None)
     for label, config, folder in zip(labels, configs, folders):

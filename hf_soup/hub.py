@@ -23,10 +23,10 @@ import shutil
 from pathlib import Path
 
 from .atomic import STAGING_PREFIX, staged_folder
-from .card import card_text
+from .card import card_text, read_soup
 from .checkpoint import SAFE_INDEX, CheckpointReader, parse_size, weight_files
 from .errors import SoupError
-from .record import read_record, write_record
+from .record import write_record
 from .writer import CheckpointWriter, plan_shards
 
 logger = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ def save_soup(
     folder is renamed when complete (`overwrite=True` replaces an existing target, the soup's own folder included).
     """
     source, target = Path(soup_dir).absolute(), Path(save_directory).absolute()
-    record = read_record(source)
+    record = read_soup(source)
     if source == target and not overwrite:
         raise SoupError(f"{target} is the soup's own folder; pass overwrite=True to re-shard it in place")
     weights = {path.name for path in weight_files(source)} | set(SAFE_INDEX) | {"adapter_model.safetensors.index.json"}
@@ -144,7 +144,7 @@ def push_to_hub(
     from huggingface_hub.utils import validate_repo_id
 
     folder = Path(soup_dir)
-    record = read_record(folder)
+    record = read_soup(folder)  # every file of the soup is checked before the network is used
     try:
         validate_repo_id(repo_id)
     except HFValidationError as error:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import SoupError, brief
+from .jsonfile import is_kind, read_model_file
 
 LEDGER = "pantry.json"  # the ledger's file name, named in errors about its records
 KINDS = ("full", "adapter")
@@ -39,10 +40,7 @@ def config_hash(folder: str | os.PathLike) -> str | None:
     folder = Path(folder)
     for name in ("config.json", "adapter_config.json"):
         if (folder / name).is_file():
-            try:
-                config = json.loads((folder / name).read_text())
-            except ValueError as error:
-                raise SoupError(f"{folder / name} is not valid JSON ({error}); save the model again") from None
+            config = read_model_file(folder, name)
             kept = {k: v for k, v in config.items() if k not in VOLATILE_CONFIG_KEYS}
             return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
     return None
@@ -145,7 +143,7 @@ def _file_name(name: str) -> bool:
 
 
 def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return is_kind(value, "number")  # not a boolean, nor an integer too large for a float
 
 
 _FIELD_TYPES: dict[str, tuple[Any, str]] = {

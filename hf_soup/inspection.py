@@ -32,6 +32,7 @@ from .checkpoint import FLOAT_DTYPES, CheckpointReader
 from .compat import check_configs
 from .errors import SoupError
 from .ingredient import config_hash, detect_kind
+from .jsonfile import check_model_files, read_model_file
 from .merge import plan_soup
 
 logger = logging.getLogger(__name__)
@@ -271,6 +272,9 @@ def inspect_ingredients(
         raise SoupError("inspect needs at least one ingredient folder")
     labels = list(labels) if labels is not None else [path.name for path in paths]
     base_path = Path(base) if base is not None else None
+    for path, label in [*zip(paths, labels), *([(base_path, "base")] if base_path is not None else [])]:
+        if path.is_dir():  # a wrong-shaped JSON file is an error, not an incompatibility to report
+            check_model_files(path, label=f"ingredient {label}: " if label != "base" else "base: ")
     with contextlib.ExitStack() as stack:
         readers = [
             stack.enter_context(CheckpointReader(path, allow_pickle=allow_pickle, label=label))
@@ -337,12 +341,11 @@ def _check_bases(report: Inspection, paths: list[Path], base: Path | None) -> No
             f"{listed}); soup only fine-tunes of one pretrained model"
         )
     if "adapter" in report.kinds:
-        import json
-
         declared = {}
         for label, path in zip(report.labels, paths):
-            if (path / "adapter_config.json").is_file():
-                declared[label] = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+            config = read_model_file(path, "adapter_config.json", label=f"ingredient {label}: ")
+            if config is not None:
+                declared[label] = config.get("base_model_name_or_path")
         if len(set(declared.values())) > 1:
             report.warnings.append(
                 f"adapters name different base models ({', '.join(f'{k}: {v}' for k, v in declared.items())}); "

@@ -38,6 +38,7 @@ from .atomic import DISK_FULL, disk_full_error, fsync_folder, owner_tag, sha256_
 from .errors import SoupError, brief
 from .ingredient import LEDGER, Ingredient, config_hash, detect_kind
 from .inventory import INGREDIENTS, REMOVING, STAGING
+from .jsonfile import check_model_files, parse_json
 
 FORMAT = 1
 LOCK = ".pantry.lock"
@@ -87,14 +88,11 @@ class Pantry:
     def _read(self) -> list[Ingredient]:
         if not self.ledger.is_file():
             return []
-        try:
-            data = json.loads(self.ledger.read_text(encoding="utf-8"))
-        except (OSError, ValueError, RecursionError) as error:  # RecursionError: nested too deep to be a ledger
-            reason = " ".join(str(error).split()) or type(error).__name__
-            raise SoupError(
-                f"{self.ledger} is not valid JSON ({reason}); restore it from a backup (the ingredient folders are "
-                f"in {self.root / INGREDIENTS})"
-            ) from None
+        # The one JSON reader; the ledger's shape is checked below and record by record (`Ingredient.from_dict`),
+        # with messages of its own.
+        data = parse_json(
+            self.ledger, fix=f"restore it from a backup (the ingredient folders are in {self.root / INGREDIENTS})"
+        )
         if not isinstance(data, dict) or not isinstance(data.get("ingredients"), list):
             raise SoupError(
                 f"{self.ledger} must be a mapping with 'format' and an 'ingredients' list, got "
@@ -221,6 +219,7 @@ class Pantry:
             raise SoupError(f"link must be 'auto', 'copy' or 'hardlink', got {link!r}")
         source = Path(source).absolute()
         weights = weight_files(source)
+        check_model_files(source)  # a wrong-shaped config or tokenizer file is refused before the pantry changes
         self.check_writable()
         staging = self.root / f"{STAGING}{owner_tag()}-{uuid.uuid4().hex[:12]}"  # named after its process: see repair
         try:

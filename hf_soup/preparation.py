@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from .errors import SoupError
+from .errors import SoupError, first_line
 from .evaluation import COMPARED_BY_DEFAULT, Evaluation
 from .ingredient import Ingredient
+from .jsonfile import read_model_file
 from .kitchen import Kitchen
 from .pantry import Pantry
 from .recipe import Recipe
@@ -66,12 +67,24 @@ def locate(recipe: Recipe) -> list[Located]:
 
 
 def saved_tokenizer(*folders: Path | None):
-    """The tokenizer saved in the first of `folders` that has one, or `None` when none has."""
+    """The tokenizer saved in the first of `folders` that has one, or `None` when none has. Its JSON files are
+    checked before Transformers reads them, and what Transformers still cannot load is a one-line `SoupError`."""
     for folder in folders:
         if folder is not None and any((Path(folder) / name).is_file() for name in TOKENIZER_FILES):
             from transformers import AutoTokenizer
 
-            return AutoTokenizer.from_pretrained(folder)
+            for name in ("tokenizer_config.json", "special_tokens_map.json", "config.json"):
+                read_model_file(Path(folder), name)
+            try:
+                return AutoTokenizer.from_pretrained(folder)
+            except SoupError:
+                raise
+            except (ValueError, TypeError, AttributeError, KeyError, IndexError, OSError) as error:
+                raise SoupError(
+                    f"cannot load the tokenizer saved in {folder} ({type(error).__name__}: {first_line(error)}); "
+                    "check its tokenizer_config.json and special_tokens_map.json, or save the tokenizer again "
+                    "(tokenizer.save_pretrained)"
+                ) from None
     return None
 
 

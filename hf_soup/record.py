@@ -25,6 +25,7 @@ from typing import Any
 
 from .atomic import write_json
 from .errors import SoupError, brief
+from .jsonfile import ANY, check, parse_json, shape
 
 FORMAT = 1
 NAME = "soup.json"
@@ -87,41 +88,121 @@ class SoupRecord:
         return _jsonable({**data, **self.sections})
 
 
-# The fields a soup.json must have, and the JSON types every field this hf_soup reads must hold where present.
-REQUIRED = ("format", "method", "ingredients")
-FIELDS: dict[str, tuple[type, ...]] = {
-    "format": (int,),
-    "hf_soup_version": (str,),
-    "created_at": (str,),
-    "method": (str,),
-    "parameters": (dict,),
-    "recipe": (dict,),
-    "base_model": (str, type(None)),
-    "dtype": (str, type(None)),
-    "seed": (int,),
-    "ingredients": (list,),
-    "notes": (list,),
-    "files": (list,),
-    "strategy": (dict, type(None)),
-    "report": (dict, type(None)),
-    "task_vectors": (dict, type(None)),
-}
-ENTRY: dict[str, tuple[type, ...]] = {
-    "id": (str,),
-    "path": (str,),
-    "kind": (str,),
-    "sha256": (dict,),
-    "run": (str, type(None)),
-    "base_model": (str, type(None)),
-}
-TYPE_NAMES = {
-    int: "an integer",
-    str: "a string",
-    dict: "an object",
-    list: "a list",
-    bool: "a boolean",
-    type(None): "null",
-}
+# The shape of a soup.json: the fields it must have, and the JSON types of every field this hf_soup (the card, the
+# figures, the hub) reads, nested where they are read nested (`hf_soup.jsonfile.Shape`).
+FIX = "cook the soup again"
+NUMBER, OPTIONAL_NUMBER, STRING = shape("number"), shape("number", "null"), shape("string")
+OPTIONAL_STRING, STRINGS = shape("string", "null"), shape("list", each=shape("string"))
+SCORES = shape("object", each=NUMBER)  # split → score
+MATRIX = shape("list", each=shape("list", each=OPTIONAL_NUMBER))
+ENTRY = shape(
+    "object",
+    required=("id",),
+    fields={
+        "id": STRING,
+        "path": STRING,
+        "kind": STRING,
+        "sha256": shape("object", each=STRING),
+        "weight": shape("number", "list", "null", each=shape("number", "list", "null")),
+        "run": OPTIONAL_STRING,
+        "metric": OPTIONAL_STRING,
+        "value": OPTIONAL_NUMBER,
+        "split": OPTIONAL_STRING,
+        "hyperparameters": shape("object", "null"),
+        "base_model": OPTIONAL_STRING,
+    },
+)
+STEP = shape(
+    "object",
+    required=("id", "score", "accepted"),
+    fields={
+        "id": STRING,
+        "score": NUMBER,
+        "accepted": shape("boolean"),
+        "alpha": NUMBER,
+        "soup_size": shape("integer"),
+    },
+)
+TRIAL = shape(
+    "object",
+    required=("trial", "state"),
+    fields={"trial": shape("integer"), "state": STRING, "score": OPTIONAL_NUMBER, "parameters": shape("object")},
+)
+STRATEGY = shape(
+    "object",
+    "null",
+    required=("name",),
+    fields={
+        "name": STRING,
+        "selection_split": OPTIONAL_STRING,
+        "score": NUMBER,
+        "chosen": shape("list"),
+        "evaluations": shape("integer", "null"),
+        "trace": shape("list", "null", each=STEP),
+        "alpha_mean": shape("list", each=NUMBER),
+        "beta": NUMBER,
+        "loss_per_epoch": shape("list", "null", each=NUMBER),
+        "history": shape("list", "null", each=TRIAL),
+        "sampler": OPTIONAL_STRING,
+        "merge": OPTIONAL_STRING,
+        "best_trial": shape("integer", "null"),
+        "best_parameters": shape("object"),
+        "fixed": shape("object", "null"),
+        "seconds_per_trial": OPTIONAL_NUMBER,
+        "resumed_trials": shape("integer"),
+    },
+)
+REPORT = shape(
+    "object",
+    "null",
+    required=("metric", "selection_split", "splits", "rows", "individuals", "best_individual"),
+    fields={
+        "metric": STRING,
+        "greater_is_better": shape("boolean"),
+        "selection_split": STRING,
+        "splits": STRINGS,
+        "best_individual": STRING,
+        "rows": shape("object", each=SCORES),
+        "individuals": shape("object", each=SCORES),
+        "greedy_ensemble": shape("list", "null", each=STRING),
+    },
+)
+TASK_VECTORS = shape(
+    "object",
+    "null",
+    fields={
+        "ids": STRINGS,
+        "reference": STRING,
+        **{name: MATRIX for name in ("cosine", "angle", "l2", "weight_cosine")},
+        "tensors": shape("integer"),
+    },
+)
+RECIPE = shape(
+    "object",
+    fields={"evaluation": shape("object", "null", fields={"task": OPTIONAL_STRING, "dataset": ANY, "splits": ANY})},
+)
+RECORD = shape(
+    "object",
+    required=("format", "method", "ingredients"),
+    fields={
+        "format": shape("integer"),
+        "hf_soup_version": STRING,
+        "created_at": STRING,
+        "method": STRING,
+        "parameters": shape("object"),
+        "recipe": RECIPE,
+        "base_model": OPTIONAL_STRING,
+        "dtype": OPTIONAL_STRING,
+        "seed": shape("integer"),
+        "ingredients": shape("list", each=ENTRY),
+        "notes": STRINGS,
+        "files": STRINGS,
+        "strategy": STRATEGY,
+        "report": REPORT,
+        "task_vectors": TASK_VECTORS,
+    },
+)
+VERSIONED = shape("object", required=("format",), fields={"format": shape("integer")})
 
 
 def write_record(folder: str | os.PathLike, record: SoupRecord | dict[str, Any]) -> dict[str, Any]:
@@ -133,58 +214,26 @@ def write_record(folder: str | os.PathLike, record: SoupRecord | dict[str, Any])
 
 def read_record(folder: str | os.PathLike) -> dict[str, Any]:
     """The `soup.json` of a soup folder, checked: it parses, it is an object, its format is one this hf_soup reads,
-    and every common field has its type. A bad file is a `SoupError` that names the file and the field."""
+    and every field hf_soup reads has its type (`RECORD`). A bad file is a `SoupError` that names the file and the
+    field."""
     path = Path(folder) / NAME
     if not path.is_file():
         raise SoupError(f"{folder} is not a soup folder (no {NAME}); give a folder that hf-soup cook wrote")
-    try:
-        data = json.loads(path.read_text())
-    except ValueError as error:
-        raise SoupError(f"{path} is not valid JSON ({error}); cook the soup again") from None
-    except RecursionError:
-        raise SoupError(f"{path} nests too deeply to be a soup record; cook the soup again") from None
+    data = parse_json(path, fix=FIX)
     check_record(data, str(path))
     return data
 
 
 def check_record(data: Any, where: str) -> None:
-    """Refuse a `soup.json` mapping of the wrong shape, naming `where`, the field, what was found and expected."""
-    if not isinstance(data, dict):
-        raise SoupError(f"{where} must hold a JSON object, found {_kind(data)}; cook the soup again")
-    for key in REQUIRED:
-        if key not in data:
-            raise SoupError(f"{where} has no {key!r}; it was not written by hf-soup cook: cook the soup again")
-    for key, kinds in FIELDS.items():
-        if key in data:
-            _check_type(data[key], kinds, f"{where}: {key!r}")
+    """Refuse a `soup.json` mapping of the wrong shape, naming `where`, the field, what was found and expected: its
+    format first (a newer format may have another shape), then every field (`hf_soup.jsonfile.check`)."""
+    check(data, VERSIONED, where, FIX)
     if data["format"] != FORMAT:
         raise SoupError(
             f"{where} has format {brief(data['format'])}, this hf_soup reads format {FORMAT}; cook the soup again "
             "with this version, or install the hf_soup that wrote it"
         )
-    for n, entry in enumerate(data["ingredients"]):
-        _check_type(entry, (dict,), f"{where}: ingredients[{n}]")
-        if "id" not in entry:
-            raise SoupError(f"{where}: ingredients[{n}] has no 'id'; cook the soup again")
-        for key, kinds in ENTRY.items():
-            if key in entry:
-                _check_type(entry[key], kinds, f"{where}: ingredients[{n}].{key}")
-    for key in ("files", "notes"):
-        for n, item in enumerate(data.get(key) or []):
-            _check_type(item, (str,), f"{where}: {key}[{n}]")
-
-
-def _check_type(value: Any, kinds: tuple[type, ...], what: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, kinds):  # JSON true/false are not integers here
-        expected = " or ".join(TYPE_NAMES[kind] for kind in kinds)
-        raise SoupError(f"{what} must be {expected}, found {_kind(value)}; cook the soup again")
-
-
-def _kind(value: Any) -> str:
-    """What a JSON value is, for an error message ("a list", "a number 1.5", ...)."""
-    if type(value) in TYPE_NAMES and not isinstance(value, int) or isinstance(value, bool):
-        return TYPE_NAMES[type(value)]
-    return f"a number {brief(value)}" if isinstance(value, (int, float)) else type(value).__name__
+    check(data, RECORD, where, FIX)
 
 
 def _jsonable(value: Any) -> Any:

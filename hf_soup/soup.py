@@ -36,6 +36,7 @@ from .cache import cached_sha256
 from .card import explain_soup
 from .checkpoint import weight_files
 from .hub import push_to_hub, save_soup
+from .jsonfile import read_model_file
 from .pantry import SKIPPED_FILES
 from .preparation import Located
 from .recipe import Recipe
@@ -170,7 +171,7 @@ def copy_side_files(source: Path, staging: Path, dtype) -> None:
             shutil.copy2(item, staging / item.name)
     config_path = staging / "config.json"
     if dtype is not None and config_path.is_file():
-        config = json.loads(config_path.read_text())
+        config = read_model_file(staging, "config.json")  # a copy of a config check_configs has checked
         name = str(dtype).removeprefix("torch.")
         for key in ("dtype", "torch_dtype"):
             if key in config or key == "dtype":

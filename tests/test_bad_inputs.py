@@ -21,7 +21,7 @@ import yaml
 from conftest import Payload, edit_config, edit_weights, make_model, make_split, save_model, state_dict_of
 from safetensors.torch import load_file, save_file
 
-from hf_soup import Pantry
+from hf_soup import Pantry, SoupBuilder
 from hf_soup.atomic import STAGING_PREFIX
 from hf_soup.cli import main
 
@@ -43,6 +43,7 @@ def stock(tmp_path_factory) -> Path:
     save_model(make_model("bert", 0, num_labels=2), root / "bert0")
     save_model(make_model("bert", 1, num_labels=2), root / "bert1")
     DatasetDict({"validation": make_split(16, 1), "test": make_split(16, 2)}).save_to_disk(str(root / "data"))
+    SoupBuilder([root / "run0", root / "run1"], method="uniform").cook(root / "soup_uniform", progress=False)
     return root
 
 
@@ -97,6 +98,18 @@ class Bench:
         return sorted((self.root / folder).glob("model-*.safetensors"))[number]
 
 
+@dataclass
+class Command:
+    """What a case returns to run another `hf-soup` command than `cook` (the arguments after `hf-soup`)."""
+
+    argv: list[str]
+
+
+def write_json(path: Path, value) -> None:
+    """Write `value` as the JSON file `path` (valid JSON, whatever its shape)."""
+    path.write_text(json.dumps(value))
+
+
 def recipe(*ingredients: str, method: str = "uniform", **keys) -> dict:
     return {"method": method, "ingredients": list(ingredients), "output": "soup", **keys}
 
@@ -112,7 +125,8 @@ CASES = []
 
 def case(*says: str):
     """Register a case: a function that sets up the bench and returns the recipe (a mapping, YAML text or bytes;
-    `None` writes no recipe file). `says` are substrings the error line must hold."""
+    `None` writes no recipe file), or a `Command` to run instead of `cook`. `says` are substrings the error line
+    must hold."""
 
     def register(function):
         CASES.append(pytest.param(function, says, id=function.__name__))
@@ -694,6 +708,171 @@ def select_not_a_list(b: Bench):
     return {"method": "uniform", "pantry": "pantry", "select": "run0", "output": "soup"}
 
 
+# -- JSON files of the wrong shape (valid JSON, wrong types) -----------------------------------------------------
+
+
+@case("run1", "config.json must hold a JSON object, found a list of 2 item(s)", "save the model again")
+def config_a_list(b: Bench):
+    write_json(b.root / b.take("run1") / "config.json", [1, 2])
+    return recipe(b.take("run0"), "run1")
+
+
+@case("config.json: field architectures[0] must be a string, found an integer 7", "save the model again")
+def config_architectures_of_numbers(b: Bench):
+    edit_config(b.root / b.take("run1"), architectures=[7])
+    return recipe(b.take("run0"), "run1")
+
+
+@case("base", "config.json: field model_type must be a string, found an object", "save the model again")
+def base_config_model_type_an_object(b: Bench):
+    edit_config(b.root / b.take("base"), model_type={"name": "llama"})
+    return recipe(b.take("run0"), b.take("run1"), method="ties", density=0.5, base_model="base")
+
+
+@case("run0", "generation_config.json must hold a JSON object, found a string 'greedy'", "save the model again")
+def generation_config_a_string(b: Bench):
+    write_json(b.root / b.take("run0") / "generation_config.json", "greedy")
+    return recipe("run0", b.take("run1"))
+
+
+@case("generation_config.json: field eos_token_id must be an integer, a list or null", "found a string")
+def generation_config_eos_token_a_string(b: Bench):
+    write_json(b.root / b.take("run1") / "generation_config.json", {"eos_token_id": "</s>", "max_length": 20})
+    return recipe(b.take("run0"), "run1")
+
+
+@case("run1", "tokenizer_config.json must hold a JSON object, found null", "save the tokenizer again")
+def tokenizer_config_null(b: Bench):
+    write_json(b.root / b.take("run1") / "tokenizer_config.json", None)
+    return recipe(b.take("run0"), "run1")
+
+
+@case("tokenizer_config.json: field model_max_length must be a number or null", "found a list", "save the tokenizer")
+def tokenizer_config_max_length_a_list(b: Bench):
+    write_json(b.root / b.take("run0") / "tokenizer_config.json", {"model_max_length": [512]})
+    return recipe("run0", b.take("run1"))
+
+
+@case("special_tokens_map.json must hold a JSON object, found an integer 3", "save the tokenizer again")
+def special_tokens_map_a_number(b: Bench):
+    write_json(b.root / b.take("run1") / "special_tokens_map.json", 3)
+    return recipe(b.take("run0"), "run1")
+
+
+@case("special_tokens_map.json: field additional_special_tokens[1] must be a string or an object", "found true")
+def special_tokens_map_token_a_boolean(b: Bench):
+    write_json(b.root / b.take("run1") / "special_tokens_map.json", {"additional_special_tokens": ["<a>", True]})
+    return recipe(b.take("run0"), "run1")
+
+
+@case("lora1", "adapter_config.json must hold a JSON object, found a list of 0 item(s)", "save the adapter again")
+def adapter_config_a_list(b: Bench):
+    b.take("base")
+    b.lora("lora0", "base", 0)
+    write_json(b.root / b.lora("lora1", "base", 1) / "adapter_config.json", [])
+    return recipe("lora0", "lora1")
+
+
+@case("adapter_config.json: field lora_alpha must be a finite number", "found an integer 1000", "save the adapter")
+def adapter_config_alpha_too_large_for_a_float(b: Bench):
+    b.take("base")
+    b.lora("lora0", "base", 0)
+    path = b.root / b.lora("lora1", "base", 1) / "adapter_config.json"
+    path.write_text(path.read_text().replace('"lora_alpha": 4', '"lora_alpha": 1' + "0" * 400))
+    return recipe("lora0", "lora1")
+
+
+@case("adapter_config.json: field alpha_pattern['q_proj'] must be a finite number", "found a string 'eight'")
+def adapter_config_alpha_pattern_of_strings(b: Bench):
+    b.take("base")
+    b.lora("lora0", "base", 0)
+    path = b.root / b.lora("lora1", "base", 1) / "adapter_config.json"
+    write_json(path, {**json.loads(path.read_text()), "alpha_pattern": {"q_proj": "eight"}})
+    return recipe("lora0", "lora1")
+
+
+@case("adapter_config.json: field base_model_name_or_path must be a string or null", "found a list")
+def adapter_config_base_a_list(b: Bench):
+    b.take("base")
+    path = b.root / b.lora("lora0", "base", 0) / "adapter_config.json"
+    write_json(path, {**json.loads(path.read_text()), "base_model_name_or_path": ["base"]})
+    return recipe("lora0", b.lora("lora1", "base", 1))
+
+
+@case("shard index", "model.safetensors.index.json: field weight_map must be an object, found a list")
+def index_weight_map_a_list(b: Bench):
+    write_json(b.root / b.take("sharded") / "model.safetensors.index.json", {"weight_map": ["model.norm.weight"]})
+    return recipe(b.take("run0"), "sharded")
+
+
+@case("shard index", "model.safetensors.index.json must hold a JSON object, found a number 1e+308", "re-save")
+def index_a_huge_number(b: Bench):
+    write_json(b.root / b.take("sharded") / "model.safetensors.index.json", 1e308)
+    return recipe(b.take("run0"), "sharded")
+
+
+@case("pantry.json must be a mapping with 'format' and an 'ingredients' list", "got [1, 2]", "restore it")
+def pantry_json_a_list(b: Bench):
+    pantry = b.pantry("run0", "run1")
+    write_json(pantry.ledger, [1, 2])
+    return {"method": "uniform", "pantry": "pantry", "output": "soup"}
+
+
+@case("pantry.json: ingredient 'run1' has sha256 = ['ab']", "expected a mapping of weight file name")
+def pantry_json_sha256_a_list(b: Bench):
+    pantry = b.pantry("run0", "run1")
+    b.edit_ledger(pantry, lambda data: data["ingredients"][1].update(sha256=["ab"]))
+    return {"method": "uniform", "pantry": "pantry", "output": "soup"}
+
+
+@case("ingredients/run1/config.json must hold a JSON object, found a string", "save the model again")
+def pantry_ingredient_config_a_string(b: Bench):
+    pantry = b.pantry("run0", "run1")
+    write_json(pantry.root / "ingredients" / "run1" / "config.json", "llama")
+    return {"method": "uniform", "pantry": "pantry", "output": "soup"}
+
+
+@case("soup.json must hold a JSON object, found a list of 2 item(s)", "cook the soup again")
+def soup_json_a_list_pushed(b: Bench):
+    write_json(b.root / b.take("soup_uniform", "soup") / "soup.json", [1, 2])
+    return Command(["push", str(b.root / "soup"), "me/soup"])
+
+
+@case("soup.json: field ingredients[1].sha256['model.safetensors'] must be a string", "found null", "cook the soup")
+def soup_json_sha256_null_pushed(b: Bench):
+    path = b.root / b.take("soup_uniform", "soup") / "soup.json"
+    data = json.loads(path.read_text())
+    data["ingredients"][1]["sha256"]["model.safetensors"] = None
+    write_json(path, data)
+    return Command(["push", str(b.root / "soup"), "me/soup"])
+
+
+@case("soup.json: field report.rows['greedy'] must be an object, found a list", "cook the soup again")
+def soup_json_report_rows_of_lists_plotted(b: Bench):
+    path = b.root / b.take("soup_uniform", "soup") / "soup.json"
+    report = {"metric": "accuracy", "selection_split": "validation", "splits": ["validation"], "best_individual": "a"}
+    write_json(
+        path, {**json.loads(path.read_text()), "report": {**report, "rows": {"greedy": [0.8]}, "individuals": {}}}
+    )
+    return Command(["plot", "report", str(b.root / "soup")])
+
+
+@case("soup", "config.json must hold a JSON object, found a list", "cook the soup again")
+def soup_config_a_list_pushed(b: Bench):
+    write_json(b.root / b.take("soup_uniform", "soup") / "config.json", ["llama"])
+    return Command(["push", str(b.root / "soup"), "me/soup"])
+
+
+@case(
+    "ingredient run1: ",
+    "tokenizer_config.json: field pad_token must be a string, an object or null",
+    "found an integer 0",
+)
+def tokenizer_config_inspected(b: Bench):
+    write_json(b.root / b.take("run1") / "tokenizer_config.json", {"pad_token": 0})
+    return Command(["inspect", str(b.root / b.take("run0")), str(b.root / "run1")])
+
+
 # -- the test ------------------------------------------------------------------------------------------------------
 
 
@@ -730,14 +909,14 @@ def test_bad_input_is_refused_cleanly(setup, says, stock, tmp_path, capsys):
     bench.root.mkdir()
     content = setup(bench)
     path = bench.root / "recipe.yaml"
-    if content is not None:
+    if content is not None and not isinstance(content, Command):
         text = yaml.safe_dump(content, sort_keys=False) if isinstance(content, dict) else content
         path.write_bytes(text if isinstance(text, bytes) else text.encode())
     output = bench.root / "soup"
     before, pantry_before, output_before = snapshot(bench.root), pantry_state(bench.root / "pantry"), output.exists()
     capsys.readouterr()
 
-    code = main(["cook", str(path), "--quiet"])
+    code = main(content.argv if isinstance(content, Command) else ["cook", str(path), "--quiet"])
 
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()

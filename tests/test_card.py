@@ -38,7 +38,7 @@ def test_greedy_cook_writes_a_card_that_parses(greedy_soup):
     assert card.data.base_model is None  # local folders are not Hub ids
     report = record["report"]
     results = {r.dataset_split: r.metric_value for r in card.data.eval_results}
-    assert results == {split: report["rows"]["greedy"][split] for split in report["splits"]}
+    assert results == {split: round(report["rows"]["greedy"][split], 4) for split in report["splits"]}
     assert {r.metric_type for r in card.data.eval_results} == {"accuracy"}
     assert card.data.model_name == "soup"  # the final folder's name, not the staging folder's
     body = card.text
@@ -57,6 +57,37 @@ def test_greedy_cook_writes_a_card_that_parses(greedy_soup):
         assert (greedy_soup.path / name).stat().st_size > 1000
         assert f"]({name})" in body
     assert not list(greedy_soup.path.parent.glob(".hf_soup-staging-*"))
+
+
+def test_card_numbers_are_rounded_for_people_and_soup_json_keeps_them_exact(greedy_soup):
+    """The card's YAML `model-index` and its results table show scores to 4 decimals, the same values; soup.json
+    keeps the exact ones."""
+    import re
+
+    import yaml
+
+    record = json.loads((greedy_soup.path / "soup.json").read_text())
+    report = record["report"]
+    text = (greedy_soup.path / "README.md").read_text()
+    metadata = yaml.safe_load(text.split("---")[1])
+    shown = {
+        result["dataset"]["split"]: metric["value"]
+        for entry in metadata["model-index"]
+        for result in entry["results"]
+        for metric in result["metrics"]
+    }
+    table = {}
+    header = next(line for line in text.splitlines() if line.startswith(f"| {report['metric']} |"))
+    splits = [cell.strip().removesuffix(" (selection)") for cell in header.strip("|").split("|")[1:]]
+    row = next(line for line in text.splitlines() if line.startswith("| greedy |"))
+    table = dict(zip(splits, (cell.strip() for cell in row.strip("|").split("|")[1:])))
+    exact = report["rows"]["greedy"]
+    assert set(shown) == set(table) == set(exact) == set(report["splits"])
+    for split, value in shown.items():
+        assert re.fullmatch(r"-?\d+(\.\d{1,4})?", str(value)), f"{split}: {value} is not rounded to 4 decimals"
+        assert value == round(exact[split], 4) == float(table[split])
+        assert re.fullmatch(r"-?\d+\.\d{4}", table[split])
+    assert any(len(repr(value)) > 8 for value in exact.values())  # the exact scores are float32 sums: long
 
 
 def test_card_of_a_recipe_names_the_command_and_base_model(tmp_path, make_ingredients):

@@ -9,7 +9,6 @@ from the config, with peft's own pattern rule.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import re
@@ -20,6 +19,7 @@ from typing import Any
 from ..checkpoint import FLOAT_DTYPES, CheckpointReader
 from ..errors import SoupError
 from ..ingredient import config_hash
+from ..jsonfile import check_model_files, read_model_file
 
 PREFIX = "base_model.model."
 # suffix of a tensor key → (factor, module kind)
@@ -117,17 +117,12 @@ def module_scaling(config: dict[str, Any], name: str, rank: int) -> float:
 
 
 def read_config(folder: Path, label: str) -> dict[str, Any]:
-    path = folder / "adapter_config.json"
-    try:
-        config = json.loads(path.read_text())
-    except OSError:
-        raise SoupError(
-            f"ingredient {label}: {folder} has no adapter_config.json; give a peft adapter folder"
-        ) from None
-    except ValueError as error:
-        raise SoupError(f"ingredient {label}: {path} is not valid JSON ({error}); save the adapter again") from None
-    if not isinstance(config, dict):
-        raise SoupError(f"ingredient {label}: {path} must hold a JSON object")
+    """The checked `adapter_config.json` of an adapter folder, after every other JSON file of the folder (its
+    tokenizer files are copied into the soup)."""
+    config = read_model_file(folder, "adapter_config.json", label=f"ingredient {label}: ")
+    if config is None:
+        raise SoupError(f"ingredient {label}: {folder} has no adapter_config.json; give a peft adapter folder")
+    check_model_files(folder, label=f"ingredient {label}: ")
     return config
 
 
