@@ -134,7 +134,47 @@ def _evaluate_metric(
     return Metric(key or Path(name).stem, compute, greater_is_better)
 
 
-class Scorer:
+class BaseScorer:
+    """What every scorer shares. A scorer has `task`, `metric` (a `Metric`), `splits` and `evaluations`, and gives
+    `outputs(model, split)`; from those this class gives the score, its comparisons and its direction.
+
+    Attributes:
+        resident (`torch.nn.Module`, *optional*): the model the scorer scores in (a Trainer's); `None` when the
+            kitchen builds the resident model.
+        ensemble_undefined (`str`, *optional*): why averaging the outputs of several models would not be a logit
+            ensemble (generated tokens, preprocessed predictions); `None` when the outputs are logits.
+    """
+
+    resident: torch.nn.Module | None = None
+    ensemble_undefined: str | None = None
+    task: Task
+    metric: Metric
+
+    @property
+    def causal(self) -> bool:
+        return self.task.name == "causal-lm"
+
+    def compute(self, batches: Batches) -> float:
+        """The metric of already computed outputs (one model's, or an ensemble's averaged logits)."""
+        return self.metric.compute(batches, self.causal)
+
+    def score(self, model: torch.nn.Module, split: str) -> float:
+        """The metric of `model` on `split`."""
+        return self.compute(self.outputs(model, split))
+
+    def better(self, a: float, b: float, *, strict: bool = False) -> bool:
+        """Whether score `a` beats `b` (`≥` by default, `>` with `strict`), in the metric's direction."""
+        if self.metric.greater_is_better:
+            return a > b if strict else a >= b
+        return a < b if strict else a <= b
+
+    def best(self, scores: Mapping[str, float]) -> str:
+        """The key of the best score."""
+        pick = max if self.metric.greater_is_better else min
+        return pick(scores, key=scores.__getitem__)
+
+
+class Scorer(BaseScorer):
     """Score models on named splits with one metric.
 
     Args:
@@ -159,11 +199,6 @@ class Scorer:
     0.84
     ```
     """
-
-    # The model a scorer scores in (`None`: the kitchen builds one), and why ensembles of its outputs would not be
-    # defined (`None`: they are; outputs are logits).
-    resident: torch.nn.Module | None = None
-    ensemble_undefined: str | None = None
 
     def __init__(
         self,
@@ -210,10 +245,6 @@ class Scorer:
         }
         self.evaluations = 0
 
-    @property
-    def causal(self) -> bool:
-        return self.task.name == "causal-lm"
-
     def split(self, name: str):
         if name not in self.splits:
             raise SoupError(f"no split {name!r}; the scorer has: {', '.join(self.splits)}")
@@ -237,22 +268,3 @@ class Scorer:
             batches = [b for shard in gather_object([batches]) for b in shard]
         self.evaluations += 1
         return batches
-
-    def compute(self, batches: Batches) -> float:
-        """The metric of already computed outputs (e.g. an ensemble's averaged logits)."""
-        return self.metric.compute(batches, self.causal)
-
-    def score(self, model: torch.nn.Module, split: str) -> float:
-        """The metric of `model` on `split`."""
-        return self.compute(self.outputs(model, split))
-
-    def better(self, a: float, b: float, *, strict: bool = False) -> bool:
-        """Whether score `a` beats `b` (`≥` by default, `>` with `strict`), in the metric's direction."""
-        if self.metric.greater_is_better:
-            return a > b if strict else a >= b
-        return a < b if strict else a <= b
-
-    def best(self, scores: Mapping[str, float]) -> str:
-        """The key of the best score."""
-        pick = max if self.metric.greater_is_better else min
-        return pick(scores, key=scores.__getitem__)

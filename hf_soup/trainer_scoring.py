@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .errors import SoupError, brief
-from .scoring import Batches, Metric
+from .scoring import BaseScorer, Batches, Metric
 from .tasks import Task
 
 # model class name ending → task name (what `hf_soup.tasks` and the card call it)
@@ -65,7 +65,7 @@ class Predicted(list):
         self.metrics = metrics
 
 
-class TrainerScorer:
+class TrainerScorer(BaseScorer):
     """Score candidates with a `transformers.Trainer` (or `Seq2SeqTrainer`).
 
     Args:
@@ -125,10 +125,6 @@ class TrainerScorer:
         elif trainer.preprocess_logits_for_metrics is not None:
             self.ensemble_undefined = "the Trainer's preprocess_logits_for_metrics turns logits into other predictions"
 
-    @property
-    def causal(self) -> bool:
-        return self.task.name == "causal-lm"
-
     def split(self, name: str):
         """A split as the Trainer's loop feeds it: the columns the model does not take removed."""
         if name not in self.splits:
@@ -177,20 +173,6 @@ class TrainerScorer:
                 "metric_for_best_model must be one of compute_metrics' keys for the ensemble rows"
             )
         return float(values[self.metric.name])
-
-    def compute(self, batches: Batches) -> float:
-        """The metric of already computed outputs (one model's, or an ensemble's averaged logits)."""
-        return self.metric.compute(batches, self.causal)
-
-    def score(self, model: torch.nn.Module, split: str) -> float:
-        """The metric of `model` on `split`, as `trainer.evaluate` computes it."""
-        return self.compute(self.outputs(model, split))
-
-    def better(self, a: float, b: float, *, strict: bool = False) -> bool:
-        """Whether score `a` beats `b` (`≥` by default, `>` with `strict`), in the metric's direction."""
-        if self.metric.greater_is_better:
-            return a > b if strict else a >= b
-        return a < b if strict else a <= b
 
 
 def _metric_name(metric_for_best_model: str | None, splits: Mapping[str, Any]) -> tuple[str, str | None]:
