@@ -284,3 +284,40 @@ def test_learned_soup_through_the_trainer(tmp_path):
     )
     alpha = soup.record["strategy"]["alpha_mean"]
     assert len(alpha) == 2 and sum(alpha) == pytest.approx(1.0)
+
+
+def test_two_process_launch_scores_with_the_trainers_distributed_evaluation(ingredients, splits, tmp_path):
+    """Under `accelerate launch` (2 CPU processes, gloo) the Trainer's loop shards each split and gathers the
+    predictions: every rank sees the numbers of one process, the same greedy trace, and one soup is written."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import ACCELERATE_LAUNCH
+    from datasets import DatasetDict
+
+    DatasetDict({name: split.rename_column("label", "labels") for name, split in splits.items()}).save_to_disk(
+        str(tmp_path / "data")
+    )
+    script = Path(__file__).parent / "scripts_trainer" / "trainer_launch.py"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    arguments = [str(script), "--ingredients", *map(str, ingredients), "--data", str(tmp_path / "data")]
+    for name, prefix in (("one", [sys.executable]), ("two", ACCELERATE_LAUNCH)):
+        done = subprocess.run(
+            [*prefix, *arguments, "--output", str(tmp_path / name)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    one = json.loads((tmp_path / "one.rank-0.json").read_text())
+    two = [json.loads((tmp_path / f"two.rank-{rank}.json").read_text()) for rank in (0, 1)]
+    assert [r["world_size"] for r in two] == [2, 2] and one["world_size"] == 1
+    for result in two:
+        assert result["trace"] == one["trace"]
+        assert result["report"] == one["report"] and result["individuals"] == one["individuals"]
+    assert (tmp_path / "two" / "soup.json").is_file()  # written once, by the main process
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".hf_soup-staging")] == []
