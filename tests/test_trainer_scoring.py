@@ -321,3 +321,28 @@ def test_two_process_launch_scores_with_the_trainers_distributed_evaluation(ingr
         assert result["report"] == one["report"] and result["individuals"] == one["individuals"]
     assert (tmp_path / "two" / "soup.json").is_file()  # written once, by the main process
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".hf_soup-staging")] == []
+
+
+def test_recorded_pantry_scores_are_reused_when_split_and_metric_match(tmp_path, classifier_runs):
+    """SoupCallback records `eval_<split>_<metric>` with a dict of eval datasets; the Trainer path reuses it for the
+    same split and metric: a greedy soup of 2 then costs 1 evaluation (the soup), not 3."""
+    from hf_soup import Pantry
+
+    data = {"validation": classification_data(16, 1), "test": classification_data(16, 2)}
+    args = arguments(tmp_path, metric_for_best_model="validation_accuracy")
+    pantry = Pantry(tmp_path / "pantry")
+    for folder in classifier_runs:
+        value = trainer_for(folder, args, compute_metrics=accuracy, eval_dataset=data).evaluate()
+        pantry.add(
+            folder,
+            metric="eval_validation_accuracy",
+            value=value["eval_validation_accuracy"],
+            greater_is_better=True,
+            split="validation",
+            run=folder.name,
+        )
+    trainer = trainer_for(classifier_runs[0], args, compute_metrics=accuracy, eval_dataset=data)
+    soup = SoupBuilder(pantry=str(pantry.root), method="greedy", trainer=trainer).cook(tmp_path / "soup")
+    assert soup.record["strategy"]["evaluations"] == 1
+    recorded = {i.id: i.value for i in pantry.list()}
+    assert {i: scores["validation"] for i, scores in soup.record["report"]["individuals"].items()} == recorded
