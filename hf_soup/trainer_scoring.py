@@ -30,17 +30,17 @@ from .errors import SoupError, brief
 from .scoring import BaseScorer, Batches, Metric
 from .tasks import Task
 
-# model class name ending → task name (what `hf_soup.tasks` and the card call it)
+# model class name ending → (task name, the Auto class that builds such a model from a config)
 TASK_NAMES = {
-    "ForSequenceClassification": "sequence-classification",
-    "ForTokenClassification": "token-classification",
-    "ForQuestionAnswering": "question-answering",
-    "ForMultipleChoice": "multiple-choice",
-    "ForCausalLM": "causal-lm",
-    "ForConditionalGeneration": "seq2seq",
-    "ForSeq2SeqLM": "seq2seq",
-    "ForAudioClassification": "audio-classification",
-    "ForImageClassification": "image-classification",
+    "ForSequenceClassification": ("sequence-classification", "AutoModelForSequenceClassification"),
+    "ForTokenClassification": ("token-classification", "AutoModelForTokenClassification"),
+    "ForQuestionAnswering": ("question-answering", "AutoModelForQuestionAnswering"),
+    "ForMultipleChoice": ("multiple-choice", "AutoModelForMultipleChoice"),
+    "ForCausalLM": ("causal-lm", "AutoModelForCausalLM"),
+    "ForConditionalGeneration": ("seq2seq", "AutoModelForSeq2SeqLM"),
+    "ForSeq2SeqLM": ("seq2seq", "AutoModelForSeq2SeqLM"),
+    "ForAudioClassification": ("audio-classification", "AutoModelForAudioClassification"),
+    "ForImageClassification": ("image-classification", "AutoModelForImageClassification"),
 }
 # `evaluation:` keys that still mean something with a Trainer (the rest comes from the Trainer)
 EVALUATION_KEYS = ("selection_split", "report_splits", "compare", "reuse_recorded_scores")
@@ -50,6 +50,15 @@ EVALUATION_KEYS = ("selection_split", "report_splits", "compare", "reuse_recorde
 class TrainerTask(Task):
     """The task of a Trainer's model: its forward pass on a batch the Trainer's collator made gives the logits
     (labels stay in the batch: encoder-decoder models build their decoder inputs from them)."""
+
+    def model_class(self):
+        """The Auto class that builds this task's model (for a tasting that builds its own: adapters)."""
+        if not self.auto_class:
+            raise SoupError(
+                f"the Trainer's model is a {self.name}, whose task hf_soup does not know, so it cannot build another "
+                "one around adapters; score full models with this Trainer, or adapters with a known model head"
+            )
+        return super().model_class()
 
     def outputs(self, model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         device = next(model.parameters()).device
@@ -107,20 +116,18 @@ class TrainerScorer(BaseScorer):
                     f"evaluation {key} {name!r} is not among the Trainer's eval datasets ({', '.join(named)}); "
                     "name one of them, or add it to eval_dataset"
                 )
-        self.selection, self.report_splits = selection, report
         self.splits = {name: named[name] for name in [selection, *[s for s in report if s != selection]]}
         self.evaluation = {"selection_split": selection, "report_splits": report, **evaluation}
         greater = args.greater_is_better if args.greater_is_better is not None else not metric.endswith("loss")
         self.metric = Metric(metric, self._compute_metric, greater)
-        self.generates = bool(getattr(args, "predict_with_generate", False))
         model_class = type(_unwrap(trainer.model)).__name__
-        name = next((task for end, task in TASK_NAMES.items() if model_class.endswith(end)), "custom")
-        self.task = TrainerTask(name, "", metric, ())
+        name, auto_class = next((t for end, t in TASK_NAMES.items() if model_class.endswith(end)), (model_class, ""))
+        self.task = TrainerTask(name, auto_class, metric, ())
         self.collator = trainer.data_collator
         self.resident = trainer.model
         self.evaluations = 0
         self.ensemble_undefined: str | None = None  # set when its predictions turn out not to be logits
-        if self.generates:
+        if getattr(args, "predict_with_generate", False):
             self.ensemble_undefined = "the Trainer generates (predict_with_generate): its predictions are token ids"
         elif trainer.preprocess_logits_for_metrics is not None:
             self.ensemble_undefined = "the Trainer's preprocess_logits_for_metrics turns logits into other predictions"

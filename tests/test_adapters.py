@@ -534,3 +534,30 @@ def test_soup_of_lora_runs_collected_by_the_callback(tmp_path):
     soup = SoupBuilder.from_recipe(recipe).cook(progress=False)
     assert soup.record["base_model"] == str(tmp_path / "base") and soup.record["adapter_output"] == "concat"
     assert (soup.path / "adapter_model.safetensors").is_file()
+
+
+def test_adapter_soup_scored_by_a_trainer_equals_the_recipe_scorer(trained, splits, tmp_path):
+    """LoRA adapters with `trainer=`: the tasting's model (base + every adapter) is scored by the Trainer's loop; the
+    choice and every number equal the built-in scorer's on the same splits."""
+    import numpy as np
+    from transformers import BertForSequenceClassification, Trainer, TrainingArguments
+
+    def accuracy(prediction):
+        return {"accuracy": float((np.argmax(prediction.predictions, -1) == prediction.label_ids).mean())}
+
+    base, folders = trained
+    args = TrainingArguments(str(tmp_path / "t"), per_device_eval_batch_size=32, metric_for_best_model="accuracy",
+                             report_to="none", disable_tqdm=True)  # fmt: skip
+    data = {name: split.rename_column("label", "labels") for name, split in splits.items()}
+    trainer = Trainer(BertForSequenceClassification.from_pretrained(base), args, eval_dataset=data,
+                      compute_metrics=accuracy)  # fmt: skip
+    own = trainer.model
+    by_trainer = SoupBuilder(folders, method="greedy", trainer=trainer, base_model=str(base)).cook(tmp_path / "a")
+    by_recipe = SoupBuilder(folders, method="greedy", evaluation=evaluation(splits)).cook(tmp_path / "b")
+    assert by_trainer.record["strategy"]["chosen"] == by_recipe.record["strategy"]["chosen"]
+    for part in ("rows", "individuals"):
+        mine, theirs = by_trainer.record["report"][part], by_recipe.record["report"][part]
+        assert mine.keys() == theirs.keys()
+        for name in mine:
+            assert mine[name] == pytest.approx(theirs[name], abs=1e-9), (part, name)
+    assert trainer.model is own  # the adapter tasting's model was lent to the Trainer, then given back
