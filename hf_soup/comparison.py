@@ -71,7 +71,8 @@ def compare(
 
 
 def markdown(report: Mapping[str, Any]) -> str:
-    """The report as a Markdown table (rows × splits; the selection split is marked)."""
+    """The report as a Markdown table (rows × splits; the selection split is marked), then the rows that are not
+    defined for these predictions, with why."""
     splits = report["splits"]
     header = [f"{s} (selection)" if s == report["selection_split"] else s for s in splits]
     lines = [
@@ -80,6 +81,10 @@ def markdown(report: Mapping[str, Any]) -> str:
     ]
     for name, scores in report["rows"].items():
         lines.append(f"| {name} | " + " | ".join(f"{scores[s]:.{DECIMALS}f}" for s in splits) + " |")
+    undefined = report.get("undefined") or {}
+    for reason in dict.fromkeys(undefined.values()):  # rows left out, and why (once per reason)
+        rows = ", ".join(name for name, why in undefined.items() if why == reason)
+        lines += ["", f"Not defined for these predictions: {rows} ({reason})."]
     return "\n".join(lines)
 
 

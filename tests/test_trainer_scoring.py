@@ -204,6 +204,8 @@ def test_seq2seq_generation_scores_equal_trainer_evaluate(tmp_path):
     report = soup.record["report"]
     assert "ensemble" not in report["rows"] and "greedy ensemble" not in report["rows"]
     assert "predict_with_generate" in report["undefined"]["ensemble"]
+    card = (soup.path / "README.md").read_text()
+    assert "Not defined for these predictions: ensemble, greedy ensemble (the Trainer generates" in card
 
 
 # -- bad inputs: one clear error each, before any candidate is scored ---------------------------------------------
