@@ -6,7 +6,8 @@ and labels, and which metrics a task computes. One module per task family, each 
 - `tokens`: `token-classification` (tags aligned to sub-words, seqeval entity metrics)
 - `choices`: `multiple-choice` (`[B, C, T]` batches)
 
-Scorers and strategies see only a task's methods (`preprocess`, `collate`, `outputs`, `metrics`).
+Scorers and strategies see only a task's methods (`preprocess`, `collate`, `outputs`, `metrics`,
+`training_loss`).
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ __all__ = [
     "get_task",
     "input_device",
     "preprocess_split",
-    "training_loss",
 ]
 
 TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -57,16 +57,6 @@ def get_task(name: str) -> Task:
     if name not in TASKS:
         raise SoupError(f"unknown task {brief(name)}{did_you_mean(name, TASKS)}; tasks: {', '.join(TASKS)}")
     return TASKS[name].fresh()
-
-
-def training_loss(logits: torch.Tensor, labels: torch.Tensor, causal: bool) -> torch.Tensor:
-    """Cross-entropy of logits against labels, -100 ignored (next-token for causal LMs; per sub-word for token
-    classification; per row over its choices for multiple choice)."""
-    if causal:
-        logits, labels = logits[:, :-1], labels[:, 1:]
-    return torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100
-    )
 
 
 def preprocess_split(

@@ -114,6 +114,16 @@ class Task:
         inputs = {k: v.to(device) for k, v in batch.items() if k in self.inputs}
         return model(**inputs).logits.float()
 
+    def training_loss(self, logits: torch.Tensor, labels: torch.Tensor, causal: bool) -> torch.Tensor:
+        """The loss learned soups and Fisher merging differentiate: cross-entropy of `logits` (from `outputs`)
+        against the batch's labels, -100 ignored (next-token for causal LMs; per sub-word for token classification;
+        per row over its choices for multiple choice)."""
+        if causal:
+            logits, labels = logits[:, :-1], labels[:, 1:]
+        return torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100
+        )
+
 
 def pad_token_id(tokenizer) -> int:
     """The tokenizer's pad id (0 when it has none)."""
