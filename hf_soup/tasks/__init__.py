@@ -5,6 +5,7 @@ and labels, and which metrics a task computes. One module per task family, each 
 - `images`: `image-classification`
 - `tokens`: `token-classification` (tags aligned to sub-words, seqeval entity metrics)
 - `choices`: `multiple-choice` (`[B, C, T]` batches)
+- `spans`: `question-answering` (extractive: answer spans of the context, SQuAD exact match and F1)
 
 Scorers and strategies see only a task's methods (`preprocess`, `collate`, `outputs`, `metrics`,
 `training_loss`).
@@ -23,6 +24,7 @@ from .choices import MultipleChoice
 from .images import ImageClassification
 from .logits import flat
 from .sequences import CausalLM, SequenceClassification
+from .spans import QuestionAnswering
 from .tokens import TokenClassification
 
 __all__ = [
@@ -48,6 +50,7 @@ TASKS: dict[str, Task] = {
         ImageClassification("image-classification", "AutoModelForImageClassification", "accuracy", ("pixel_values",)),
         TokenClassification("token-classification", "AutoModelForTokenClassification", "entity_f1", TEXT_INPUTS),
         MultipleChoice("multiple-choice", "AutoModelForMultipleChoice", "accuracy", TEXT_INPUTS),
+        QuestionAnswering("question-answering", "AutoModelForQuestionAnswering", "f1", TEXT_INPUTS),
     )
 }
 
