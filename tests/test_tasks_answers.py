@@ -374,6 +374,16 @@ def test_answers_not_in_squad_shape_are_refused(tmp_path, readers, starts, expec
         assert "at character 500 does not lie inside the context" in message
 
 
+def test_a_preprocess_function_and_a_question_too_long_are_refused(tmp_path, readers):
+    rows = squad_rows(4, 5)
+    message = refused(tmp_path, readers[0], evaluation(splits={"validation": rows}, report_splits=[], preprocess=dict))
+    assert "question-answering tokenises raw rows itself" in message and "drop evaluation.preprocess" in message
+    long = rows.map(lambda row: {"query": " ".join(["who"] * 40)})
+    message = refused(tmp_path, readers[0], evaluation(splits={"validation": long}, report_splits=[]))
+    assert f"cannot fit a question and its context into max_length {MAX_LENGTH}" in message
+    assert "raise evaluation.max_length" in message
+
+
 # -- learned soups ---------------------------------------------------------------------------------------------------
 
 

@@ -108,15 +108,15 @@ class QuestionAnswering(Task):
         processed = processed.map(
             lambda row, i: {"labels": [*row["labels"], first + i]}, with_indices=True, remove_columns=["example"]
         )
-        return self.finish(processed, split=split, columns={})
+        return super().finish(processed, split=split, columns={})
 
     def finish(self, dataset, *, split: str, columns: Mapping[str, str]):
-        if "labels" not in dataset.column_names:
-            raise SoupError(
-                f"split {brief(split)}: question-answering tokenises raw rows itself (question, context, answers) "
-                "to know each feature's context offsets; give raw rows, not a preprocess function or token ids"
-            )
-        return super().finish(dataset, split=split, columns=columns)
+        """Refuse data processed elsewhere (an `evaluation.preprocess` function): the metrics need each feature's
+        example and context offsets, which only the task's own tokenisation records."""
+        raise SoupError(
+            f"split {brief(split)}: question-answering tokenises raw rows itself (question, context, answers) to know "
+            "each feature's example and context offsets; drop evaluation.preprocess and give raw rows"
+        )
 
     def outputs(self, model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Start and end logits stacked as `[B, T, 2]` (fp32)."""
