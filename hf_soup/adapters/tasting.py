@@ -197,7 +197,7 @@ class AdapterTasting(Tasting):
             slot.requires_grad_(True)
             slot.grad = None
         model = self.kitchen.model
-        logits = self.scorer.task.outputs(model, batch) * beta
+        logits = self.scorer.task.training_outputs(model, batch) * beta
         loss = self.scorer.task.training_loss(logits, batch["labels"].to(logits.device), self.scorer.causal)
         loss.backward()
         dots = leaf.grad.clone() if leaf.grad is not None else torch.zeros(alpha.shape)

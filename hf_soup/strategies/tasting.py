@@ -224,7 +224,7 @@ class Tasting:
         for parameter in model.parameters():
             parameter.requires_grad_(True)
         model.zero_grad(set_to_none=True)
-        logits = self.scorer.task.outputs(model, batch) * beta
+        logits = self.scorer.task.training_outputs(model, batch) * beta
         loss = self.scorer.task.training_loss(logits, batch["labels"].to(logits.device), self.scorer.causal)
         loss.backward()
         dots = torch.zeros(alpha.shape)

@@ -6,6 +6,7 @@ and labels, and which metrics a task computes. One module per task family, each 
 - `tokens`: `token-classification` (tags aligned to sub-words, seqeval entity metrics)
 - `choices`: `multiple-choice` (`[B, C, T]` batches)
 - `spans`: `question-answering` (extractive: answer spans of the context, SQuAD exact match and F1)
+- `generation`: `seq2seq` (generated text scored with ROUGE-L, BLEU, chrF, exact match)
 
 Scorers and strategies see only a task's methods (`preprocess`, `collate`, `outputs`, `metrics`,
 `training_loss`).
@@ -21,6 +22,7 @@ import torch
 from ..errors import SoupError, brief, did_you_mean
 from .base import Batches, MetricFunction, Task, input_device
 from .choices import MultipleChoice
+from .generation import Seq2SeqGeneration
 from .images import ImageClassification
 from .logits import flat
 from .sequences import CausalLM, SequenceClassification
@@ -51,6 +53,7 @@ TASKS: dict[str, Task] = {
         TokenClassification("token-classification", "AutoModelForTokenClassification", "entity_f1", TEXT_INPUTS),
         MultipleChoice("multiple-choice", "AutoModelForMultipleChoice", "accuracy", TEXT_INPUTS),
         QuestionAnswering("question-answering", "AutoModelForQuestionAnswering", "f1", TEXT_INPUTS),
+        Seq2SeqGeneration("seq2seq", "AutoModelForSeq2SeqLM", "rougeL", ("input_ids", "attention_mask")),
     )
 }
 
