@@ -2,7 +2,8 @@
 
 ```yaml
 evaluation:
-  task: sequence-classification          # or causal-lm, image-classification, token-classification, multiple-choice
+  task: sequence-classification          # or causal-lm, image-classification, token-classification, multiple-choice,
+                                         # question-answering, seq2seq
   dataset: {path: csv, data_files: {validation: data/val.csv, test: data/test.csv, shift: data/shift.csv}}
   # or dataset: {load_from_disk: data/my_dataset}   (a DatasetDict saved with save_to_disk)
   columns: {text: sentence, label: label}
@@ -28,14 +29,16 @@ from .tasks import TASKS
 logger = logging.getLogger(__name__)
 
 EVALUATION_KEYS = {
-    "task": "sequence-classification, causal-lm, image-classification, token-classification or multiple-choice",
+    "task": "sequence-classification, causal-lm, image-classification, token-classification, multiple-choice, "
+    "question-answering or seq2seq",
     "dataset": "arguments of datasets.load_dataset, or {load_from_disk: DIR}",
     "selection_split": "the split greedy/learned soups are chosen on",
     "report_splits": "splits reported but never used to choose (test, distribution shifts)",
     "metric": "built-in name, evaluate module path, or module:function compute_metrics",
     "greater_is_better": "direction of a metric that is not built in",
     "metric_key": "which value of a metric that returns several",
-    "columns": "column names of the raw data by key: text, text_pair, label (tokens, tags; choices, context)",
+    "columns": "column names of the raw data by key: text, text_pair, label (tokens, tags; choices, context; "
+    "question, answers; source, target)",
     "max_length": "tokenizer truncation length",
     "batch_size": "evaluation batch size (default 32)",
     "preprocess": "module:function mapping a batch of raw rows to model inputs (instead of tokenizing text)",

@@ -221,6 +221,7 @@ class Scorer(BaseScorer):
         if batch_size < 1:
             raise SoupError(f"batch_size must be ≥ 1, got {batch_size}")
         self.task = get_task(task)
+        self.ensemble_undefined = self.task.ensemble_undefined
         self.task.check_columns(columns or {}, "columns")
         self.metric = make_metric(
             metric,

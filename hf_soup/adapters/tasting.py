@@ -20,7 +20,7 @@ from ..errors import SoupError
 from ..ingredient import Ingredient
 from ..kitchen import Kitchen
 from ..scoring import Scorer
-from ..strategies.tasting import Coefficients, Tasting, training_loss
+from ..strategies.tasting import Coefficients, Tasting
 from .reading import PREFIX, Adapter
 
 
@@ -197,8 +197,8 @@ class AdapterTasting(Tasting):
             slot.requires_grad_(True)
             slot.grad = None
         model = self.kitchen.model
-        logits = self.scorer.task.outputs(model, batch) * beta
-        loss = training_loss(logits, batch["labels"].to(logits.device), self.scorer.causal)
+        logits = self.scorer.task.training_outputs(model, batch) * beta
+        loss = self.scorer.task.training_loss(logits, batch["labels"].to(logits.device), self.scorer.causal)
         loss.backward()
         dots = leaf.grad.clone() if leaf.grad is not None else torch.zeros(alpha.shape)
         for name, (slot, values) in self.heads.items():

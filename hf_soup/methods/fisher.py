@@ -6,7 +6,6 @@ from typing import Any
 
 import torch
 
-from ..tasks import training_loss
 from .registry import register_method
 
 
@@ -24,8 +23,8 @@ def fisher_diagonals(kitchen, scorer, split: str, parameters: dict[str, Any]) ->
         for row in range(count):
             batch = scorer.collator([data[row]])
             model.zero_grad(set_to_none=True)
-            logits = scorer.task.outputs(model, batch)
-            training_loss(logits, batch["labels"].to(logits.device), scorer.causal).backward()
+            logits = scorer.task.training_outputs(model, batch)
+            scorer.task.training_loss(logits, batch["labels"].to(logits.device), scorer.causal).backward()
             for name, parameter in targets.items():
                 if parameter.grad is not None:
                     sums[name] += parameter.grad.detach().float().cpu() ** 2

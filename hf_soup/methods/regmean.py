@@ -31,7 +31,7 @@ def input_grams(kitchen, scorer, split: str, parameters: dict[str, Any]) -> dict
         with torch.no_grad():
             for start in range(0, count, scorer.batch_size):
                 batch = scorer.collator([data[i] for i in range(start, min(start + scorer.batch_size, count))])
-                scorer.task.outputs(model, batch)
+                scorer.task.training_outputs(model, batch)
     finally:
         for hook in hooks:
             hook.remove()

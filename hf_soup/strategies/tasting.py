@@ -21,7 +21,6 @@ from ..kitchen import Kitchen
 from ..merge import Parameters, merge_tensor
 from ..methods import get_method
 from ..scoring import Batches, Scorer
-from ..tasks import training_loss
 from .registry import StrategyResult
 
 logger = logging.getLogger(__name__)
@@ -225,8 +224,8 @@ class Tasting:
         for parameter in model.parameters():
             parameter.requires_grad_(True)
         model.zero_grad(set_to_none=True)
-        logits = self.scorer.task.outputs(model, batch) * beta
-        loss = training_loss(logits, batch["labels"].to(logits.device), self.scorer.causal)
+        logits = self.scorer.task.training_outputs(model, batch) * beta
+        loss = self.scorer.task.training_loss(logits, batch["labels"].to(logits.device), self.scorer.causal)
         loss.backward()
         dots = torch.zeros(alpha.shape)
         for name, group in groups.items():

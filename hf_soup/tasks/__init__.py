@@ -5,8 +5,11 @@ and labels, and which metrics a task computes. One module per task family, each 
 - `images`: `image-classification`
 - `tokens`: `token-classification` (tags aligned to sub-words, seqeval entity metrics)
 - `choices`: `multiple-choice` (`[B, C, T]` batches)
+- `spans`: `question-answering` (extractive: answer spans of the context, SQuAD exact match and F1)
+- `generation`: `seq2seq` (generated text scored with ROUGE-L, BLEU, chrF, exact match)
 
-Scorers and strategies see only a task's methods (`preprocess`, `collate`, `outputs`, `metrics`).
+Scorers and strategies see only a task's methods (`preprocess`, `collate`, `outputs`, `metrics`,
+`training_loss`).
 """
 
 from __future__ import annotations
@@ -19,9 +22,11 @@ import torch
 from ..errors import SoupError, brief, did_you_mean
 from .base import Batches, MetricFunction, Task, input_device
 from .choices import MultipleChoice
+from .generation import Seq2SeqGeneration
 from .images import ImageClassification
 from .logits import flat
 from .sequences import CausalLM, SequenceClassification
+from .spans import QuestionAnswering
 from .tokens import TokenClassification
 
 __all__ = [
@@ -34,7 +39,6 @@ __all__ = [
     "get_task",
     "input_device",
     "preprocess_split",
-    "training_loss",
 ]
 
 TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -48,6 +52,8 @@ TASKS: dict[str, Task] = {
         ImageClassification("image-classification", "AutoModelForImageClassification", "accuracy", ("pixel_values",)),
         TokenClassification("token-classification", "AutoModelForTokenClassification", "entity_f1", TEXT_INPUTS),
         MultipleChoice("multiple-choice", "AutoModelForMultipleChoice", "accuracy", TEXT_INPUTS),
+        QuestionAnswering("question-answering", "AutoModelForQuestionAnswering", "f1", TEXT_INPUTS),
+        Seq2SeqGeneration("seq2seq", "AutoModelForSeq2SeqLM", "rougeL", ("input_ids", "attention_mask")),
     )
 }
 
@@ -57,16 +63,6 @@ def get_task(name: str) -> Task:
     if name not in TASKS:
         raise SoupError(f"unknown task {brief(name)}{did_you_mean(name, TASKS)}; tasks: {', '.join(TASKS)}")
     return TASKS[name].fresh()
-
-
-def training_loss(logits: torch.Tensor, labels: torch.Tensor, causal: bool) -> torch.Tensor:
-    """Cross-entropy of logits against labels, -100 ignored (next-token for causal LMs; per sub-word for token
-    classification; per row over its choices for multiple choice)."""
-    if causal:
-        logits, labels = logits[:, :-1], labels[:, 1:]
-    return torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100
-    )
 
 
 def preprocess_split(

@@ -44,6 +44,8 @@ class Task:
     column_keys: ClassVar[Mapping[str, str | None]] = {"label": "label"}
     # the key of `column_keys` that names the labels
     label_key: ClassVar[str] = "label"
+    # why averaging several models' outputs is no logit ensemble (generated tokens); None when they are logits
+    ensemble_undefined: ClassVar[str | None] = None
 
     def fresh(self) -> Task:
         """A new instance of this task, with nothing learned from a model yet."""
@@ -113,6 +115,21 @@ class Task:
         device = input_device(model)
         inputs = {k: v.to(device) for k, v in batch.items() if k in self.inputs}
         return model(**inputs).logits.float()
+
+    def training_outputs(self, model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The logits `training_loss` takes (the forward pass learned soups, Fisher merging and RegMean run): the
+        scored outputs, unless the task scores something else (generated tokens)."""
+        return self.outputs(model, batch)
+
+    def training_loss(self, logits: torch.Tensor, labels: torch.Tensor, causal: bool) -> torch.Tensor:
+        """The loss learned soups and Fisher merging differentiate: cross-entropy of `logits` (from `outputs`)
+        against the batch's labels, -100 ignored (next-token for causal LMs; per sub-word for token classification;
+        per row over its choices for multiple choice)."""
+        if causal:
+            logits, labels = logits[:, :-1], labels[:, 1:]
+        return torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100
+        )
 
 
 def pad_token_id(tokenizer) -> int:
