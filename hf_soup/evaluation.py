@@ -40,6 +40,8 @@ EVALUATION_KEYS = {
     "columns": "column names of the raw data by key: text, text_pair, label (tokens, tags; choices, context; "
     "question, answers; source, target)",
     "max_length": "tokenizer truncation length",
+    "generation_max_length": "seq2seq: the longest generation in tokens (default: the generation config's)",
+    "num_beams": "seq2seq: beams of the search (default: the generation config's)",
     "batch_size": "evaluation batch size (default 32)",
     "preprocess": "module:function mapping a batch of raw rows to model inputs (instead of tokenizing text)",
     "compare": "extra rows of the report: uniform, greedy, learned, ensemble (default: uniform, ensemble)",
@@ -56,6 +58,8 @@ NULLABLE = {
     "greater_is_better",
     "metric_key",
     "max_length",
+    "generation_max_length",
+    "num_beams",
     "preprocess",
     "device_map",
     "max_memory",
@@ -89,6 +93,8 @@ class Evaluation:
     metric_key: str | None = None
     columns: dict[str, str] = field(default_factory=dict)
     max_length: int | None = None
+    generation_max_length: int | None = None
+    num_beams: int | None = None
     batch_size: int = 32
     preprocess: str | Callable | None = None
     compare: list[str] = field(default_factory=lambda: list(COMPARED_BY_DEFAULT))
@@ -124,6 +130,8 @@ class Evaluation:
             "metric_key": str,
             "columns": Mapping,
             "max_length": int,
+            "generation_max_length": int,
+            "num_beams": int,
             "batch_size": int,
             "compare": list,
             "max_memory": Mapping,
@@ -168,9 +176,14 @@ class Evaluation:
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in data.get("columns", {}).items()):
             raise SoupError(f"{where}.columns must map {keys} to column names (strings)")
         TASKS[task].check_columns(data.get("columns", {}), f"{where}.columns")
-        for key in ("batch_size", "max_length"):
+        for key in ("batch_size", "max_length", "generation_max_length", "num_beams"):
             if data.get(key) is not None and data[key] < 1:
                 raise SoupError(f"{where}.{key} must be ≥ 1, got {data[key]}")
+        for key in ("generation_max_length", "num_beams"):
+            if data.get(key) is not None and task != "seq2seq":
+                raise SoupError(
+                    f"{where}.{key} sets generation, which only task seq2seq does (task is {task!r}); remove it"
+                )
         dataset = dict(data["dataset"]) if data.get("dataset") is not None else None
         if dataset is not None:
             dataset = _resolve_files(dataset, base_dir)
@@ -241,6 +254,7 @@ class Evaluation:
             columns=self.columns,
             max_length=self.max_length,
             preprocess=_import(self.preprocess, "preprocess") if self.preprocess else None,
+            generation={"max_length": self.generation_max_length, "num_beams": self.num_beams},
             batch_size=self.batch_size,
             trust_remote_code=self.trust_remote_code,
         )

@@ -190,6 +190,8 @@ class Scorer(BaseScorer):
         batch_size (`int`, *optional*, defaults to 32).
         trust_remote_code (`bool`, *optional*, defaults to `False`): allow an `evaluate` metric from the Hub (its
             downloaded Python code runs).
+        generation (`dict`, *optional*): `max_length` and `num_beams` of a generating task (`seq2seq`), over its
+            generation config.
 
     Example:
 
@@ -215,6 +217,7 @@ class Scorer(BaseScorer):
         collator: Callable | None = None,
         batch_size: int = 32,
         trust_remote_code: bool = False,
+        generation: Mapping[str, int | None] | None = None,
     ):
         if not splits:
             raise SoupError("a scorer needs at least one split")
@@ -222,6 +225,7 @@ class Scorer(BaseScorer):
             raise SoupError(f"batch_size must be ≥ 1, got {batch_size}")
         self.task = get_task(task)
         self.ensemble_undefined = self.task.ensemble_undefined
+        self.task.set_generation(**{k: v for k, v in (generation or {}).items() if v is not None})
         self.task.check_columns(columns or {}, "columns")
         self.metric = make_metric(
             metric,

@@ -412,7 +412,7 @@ def test_a_learned_soup_trains_on_the_start_and_end_loss(tmp_path, readers):
     labels = batch.pop("labels")
     with torch.no_grad():
         own = model(**batch, start_positions=labels[:, 0], end_positions=labels[:, 1]).loss
-    logits = scorer.task.outputs(model, batch)
+        logits = scorer.task.outputs(model, batch)
     assert float(scorer.task.training_loss(logits, labels, False)) == pytest.approx(float(own), abs=1e-6)
 
 

@@ -106,8 +106,11 @@ def generation_metrics(tokenizer):
     return compute_metrics
 
 
-@pytest.mark.parametrize("metric", ["rougeL", "chrf", "bleu"])
-def test_seq2seq_scores_equal_the_seq2seq_trainer_path(tmp_path, writers, metric):
+@pytest.mark.parametrize(
+    "metric, generation",
+    [("rougeL", {}), ("chrf", {}), ("bleu", {}), ("chrf", {"generation_max_length": 6, "num_beams": 2})],
+)
+def test_seq2seq_scores_equal_the_seq2seq_trainer_path(tmp_path, writers, metric, generation):
     from transformers import (
         DataCollatorForSeq2Seq,
         Seq2SeqTrainer,
@@ -116,7 +119,7 @@ def test_seq2seq_scores_equal_the_seq2seq_trainer_path(tmp_path, writers, metric
     )
 
     folders, tokenizer = writers
-    settings = evaluation(metric=metric)
+    settings = evaluation(metric=metric, **generation)
     ours = SoupBuilder([str(f) for f in folders], method="greedy", evaluation=settings).cook(tmp_path / "ours")
     report = ours.record["report"]
     assert report["metric"] == metric
@@ -138,7 +141,8 @@ def test_seq2seq_scores_equal_the_seq2seq_trainer_path(tmp_path, writers, metric
         report_to="none",
         metric_for_best_model=metric,
         predict_with_generate=True,
-        generation_max_length=20,  # the saved generation config's, passed on every batch as hf_soup passes it
+        generation_max_length=generation.get("generation_max_length", 20),  # 20: the saved config's, as hf_soup
+        generation_num_beams=generation.get("num_beams"),
     )
     trainer = Seq2SeqTrainer(
         model,
@@ -213,3 +217,25 @@ def test_a_learned_soup_trains_on_the_teacher_forced_loss(tmp_path, writers):
         own = model(**{k: v for k, v in batch.items() if k != "token_type_ids"}).loss
         logits = scorer.task.training_outputs(model, batch)
     assert float(scorer.task.training_loss(logits, batch["labels"], False)) == pytest.approx(float(own), abs=1e-6)
+
+
+def test_generation_settings_are_refused_for_a_task_that_does_not_generate(tmp_path):
+    from hf_soup.evaluation import Evaluation
+
+    with pytest.raises(SoupError, match="r.yaml: evaluation.num_beams sets generation, which only task seq2seq does"):
+        Evaluation.from_mapping(
+            {
+                "task": "question-answering",
+                "selection_split": "validation",
+                "dataset": {"path": "json"},
+                "num_beams": 4,
+            },
+            base_dir=tmp_path,
+            source="r.yaml",
+        )
+    with pytest.raises(SoupError, match="must be ≥ 1, got 0"):
+        Evaluation.from_mapping(
+            {"task": "seq2seq", "selection_split": "validation", "dataset": {"path": "json"}, "num_beams": 0},
+            base_dir=tmp_path,
+            source="r.yaml",
+        )

@@ -61,6 +61,14 @@ class Task:
         """The task's built-in metrics: name → (function of `(batches, causal)`, greater_is_better)."""
         return dict(LOGIT_METRICS)
 
+    def set_generation(self, **settings: int) -> None:
+        """Generation settings (`max_length`, `num_beams`): only a generating task takes them."""
+        if settings:
+            raise SoupError(
+                f"generation settings {brief(sorted(settings))} mean nothing to task {self.name!r}, which does not "
+                "generate; remove them"
+            )
+
     def column(self, columns: Mapping[str, str], key: str) -> str | None:
         """The raw column the recipe names for `key` (`evaluation.columns`), or the task's default."""
         return columns.get(key, self.column_keys.get(key))

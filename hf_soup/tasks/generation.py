@@ -42,6 +42,14 @@ class Seq2SeqGeneration(Task):
             "exact_match": (lambda batches, causal: exact_match(*self.texts(batches)), True),
         }
 
+    def set_generation(self, **settings: int) -> None:
+        """Override the generation config's `max_length` and `num_beams` (`evaluation.generation_max_length`,
+        `evaluation.num_beams`), as `Seq2SeqTrainingArguments.generation_max_length` and `generation_num_beams` do."""
+        unknown = sorted(set(settings) - {"max_length", "num_beams"})
+        if unknown:
+            raise SoupError(f"seq2seq generation setting {brief(unknown[0])} is unknown; give max_length, num_beams")
+        self._bound["overrides"] = dict(settings)
+
     def preprocess(self, dataset, *, split: str, tokenizer=None, columns: Mapping[str, str], max_length=None):
         source, target = self.column(columns, "source"), self.column(columns, "target")
         require_columns(dataset, {"source": source, "target": target}, split=split)
@@ -98,8 +106,9 @@ class Seq2SeqGeneration(Task):
         device = input_device(model)
         inputs = {k: v.to(device) for k, v in batch.items() if k in self.inputs}
         config = self._bound.get("generation") or model.generation_config
-        length = {} if config.max_new_tokens is not None else {"max_length": config.max_length or DEFAULT_MAX_LENGTH}
-        return model.generate(**inputs, generation_config=config, **length)
+        settings = {} if config.max_new_tokens is not None else {"max_length": config.max_length or DEFAULT_MAX_LENGTH}
+        settings.update(self._bound.get("overrides", {}))
+        return model.generate(**inputs, generation_config=config, **settings)
 
     def training_outputs(self, model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Teacher-forced fp32 logits `[B, T, V]` of the labels (the decoder reads the labels shifted right)."""
