@@ -41,6 +41,22 @@ ACCELERATE_LAUNCH = [
 ]  # fmt: skip
 
 
+def launched(arguments: list[str], tmp_path: Path) -> tuple[dict, list[dict]]:
+    """Run a script (`arguments`: the script and its options) in one process and under `accelerate launch` with 2;
+    each rank writes `<output>.rank-<n>.json`. Returns what the 1-process rank and the 2 ranks wrote."""
+    import json
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    for name, prefix in (("one", [sys.executable]), ("two", ACCELERATE_LAUNCH)):
+        command = [*prefix, *arguments, "--output", str(tmp_path / name)]
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    one = json.loads((tmp_path / "one.rank-0.json").read_text())
+    return one, [json.loads((tmp_path / f"two.rank-{rank}.json").read_text()) for rank in (0, 1)]
+
+
 def llama_config(**overrides):
     from transformers import LlamaConfig
 
@@ -56,6 +72,23 @@ def llama_config(**overrides):
     )
     settings.update(overrides)
     return LlamaConfig(**settings)
+
+
+def t5_config():
+    """A tiny T5 (pad 0, eos 1) for seq2seq tests."""
+    from transformers import T5Config
+
+    return T5Config(
+        vocab_size=64,
+        d_model=16,
+        d_kv=4,
+        d_ff=32,
+        num_layers=2,
+        num_heads=4,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
 
 
 def bert_config(**overrides):

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import ACCELERATE_LAUNCH, evaluation, perturbed, save_model, state_dict_of
+from conftest import evaluation, launched, perturbed, save_model, state_dict_of
 
 from hf_soup import SoupBuilder, SoupError
 from hf_soup.schedules import depth, layer_count
@@ -303,29 +303,15 @@ def test_bad_greedy_alpha_is_refused(ingredients, tmp_path, splits):
 
 
 def test_two_process_search_gives_the_same_history(ingredients, splits, tmp_path):
-    import os
-    import subprocess
-    import sys
     from pathlib import Path
 
     from datasets import DatasetDict
 
     DatasetDict(splits).save_to_disk(str(tmp_path / "data"))
     script = Path(__file__).parent / "scripts_strategies" / "greedy_launch.py"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     arguments = [str(script), "--ingredients", *map(str, ingredients), "--data", str(tmp_path / "data")]
     arguments += ["--search", json.dumps({"merge": "weighted", "space": {"weights": {"low": 0, "high": 1}}})]
-    for name, prefix in (("one", [sys.executable]), ("two", ACCELERATE_LAUNCH)):
-        done = subprocess.run(
-            [*prefix, *arguments, "--output", str(tmp_path / name)],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    one = json.loads((tmp_path / "one.rank-0.json").read_text())
-    two = [json.loads((tmp_path / f"two.rank-{rank}.json").read_text()) for rank in (0, 1)]
+    one, two = launched(arguments, tmp_path)
     assert [r["world_size"] for r in two] == [2, 2]
     for result in two:
         assert [row["parameters"] for row in result["history"]] == [row["parameters"] for row in one["history"]]

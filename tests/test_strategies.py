@@ -5,7 +5,7 @@ import logging
 
 import pytest
 import torch
-from conftest import ACCELERATE_LAUNCH, evaluation, perturbed
+from conftest import evaluation, launched, perturbed
 
 from hf_soup import Pantry, SoupBuilder, SoupError
 from hf_soup.kitchen import Kitchen
@@ -213,28 +213,14 @@ def test_compute_metrics_callable_and_ensembles(ingredients, splits, tmp_path):
 
 
 def test_two_process_launch_gives_the_same_trace(ingredients, splits, tmp_path):
-    import os
-    import subprocess
-    import sys
     from pathlib import Path
 
     from datasets import DatasetDict
 
     DatasetDict(splits).save_to_disk(str(tmp_path / "data"))
     script = Path(__file__).parent / "scripts_strategies" / "greedy_launch.py"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     arguments = [str(script), "--ingredients", *map(str, ingredients), "--data", str(tmp_path / "data")]
-    for name, prefix in (("one", [sys.executable]), ("two", ACCELERATE_LAUNCH)):
-        done = subprocess.run(
-            [*prefix, *arguments, "--output", str(tmp_path / name)],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    one = json.loads((tmp_path / "one.rank-0.json").read_text())
-    two = [json.loads((tmp_path / f"two.rank-{rank}.json").read_text()) for rank in (0, 1)]
+    one, two = launched(arguments, tmp_path)
     assert [r["world_size"] for r in two] == [2, 2]
     for result in two:
         assert result["trace"] == one["trace"]

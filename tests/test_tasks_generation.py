@@ -5,6 +5,7 @@ ensemble rows (generated tokens are no logits); learned soups on the teacher-for
 import numpy as np
 import pytest
 import torch
+from conftest import t5_config
 
 from hf_soup import SoupBuilder, SoupError
 from hf_soup.scoring import Scorer
@@ -21,22 +22,6 @@ def tokenizer_in(folder):
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(folder)
     return tokenizer
-
-
-def t5_config():
-    from transformers import T5Config
-
-    return T5Config(
-        vocab_size=64,
-        d_model=16,
-        d_kv=4,
-        d_ff=32,
-        num_layers=2,
-        num_heads=4,
-        decoder_start_token_id=0,
-        pad_token_id=0,
-        eos_token_id=1,
-    )
 
 
 def text_rows(count, seed):

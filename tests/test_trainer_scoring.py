@@ -5,7 +5,7 @@ choice, causal LM and seq2seq generation."""
 import numpy as np
 import pytest
 import torch
-from conftest import bert_config, llama_config
+from conftest import bert_config, launched, llama_config, t5_config
 
 from hf_soup import SoupBuilder, SoupError
 
@@ -156,20 +156,9 @@ def test_causal_lm_scores_equal_trainer_evaluate(tmp_path):
 
 def test_seq2seq_generation_scores_equal_trainer_evaluate(tmp_path):
     from datasets import Dataset
-    from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, T5Config, T5ForConditionalGeneration
+    from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, T5ForConditionalGeneration
 
-    config = T5Config(
-        vocab_size=64,
-        d_model=16,
-        d_kv=4,
-        d_ff=32,
-        num_layers=2,
-        num_heads=4,
-        decoder_start_token_id=0,
-        pad_token_id=0,
-        eos_token_id=1,
-    )
-    folders = runs(tmp_path, lambda: T5ForConditionalGeneration(config), k=2)
+    folders = runs(tmp_path, lambda: T5ForConditionalGeneration(t5_config()), k=2)
 
     def split(seed):
         generator = torch.Generator().manual_seed(seed)
@@ -291,32 +280,16 @@ def test_learned_soup_through_the_trainer(tmp_path):
 def test_two_process_launch_scores_with_the_trainers_distributed_evaluation(ingredients, splits, tmp_path):
     """Under `accelerate launch` (2 CPU processes, gloo) the Trainer's loop shards each split and gathers the
     predictions: every rank sees the numbers of one process, the same greedy trace, and one soup is written."""
-    import json
-    import os
-    import subprocess
-    import sys
     from pathlib import Path
 
-    from conftest import ACCELERATE_LAUNCH
     from datasets import DatasetDict
 
     DatasetDict({name: split.rename_column("label", "labels") for name, split in splits.items()}).save_to_disk(
         str(tmp_path / "data")
     )
     script = Path(__file__).parent / "scripts_trainer" / "trainer_launch.py"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     arguments = [str(script), "--ingredients", *map(str, ingredients), "--data", str(tmp_path / "data")]
-    for name, prefix in (("one", [sys.executable]), ("two", ACCELERATE_LAUNCH)):
-        done = subprocess.run(
-            [*prefix, *arguments, "--output", str(tmp_path / name)],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    one = json.loads((tmp_path / "one.rank-0.json").read_text())
-    two = [json.loads((tmp_path / f"two.rank-{rank}.json").read_text()) for rank in (0, 1)]
+    one, two = launched(arguments, tmp_path)
     assert [r["world_size"] for r in two] == [2, 2] and one["world_size"] == 1
     for result in two:
         assert result["trace"] == one["trace"]
