@@ -28,7 +28,7 @@ import torch
 
 from .errors import SoupError, brief
 from .scoring import BaseScorer, Batches, Metric
-from .tasks import Task
+from .tasks import Task, input_device
 
 # model class name ending → (task name, the Auto class that builds such a model from a config)
 TASK_NAMES = {
@@ -61,7 +61,7 @@ class TrainerTask(Task):
         return super().model_class()
 
     def outputs(self, model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        device = next(model.parameters()).device
+        device = input_device(model)
         return model(**{k: v.to(device) for k, v in batch.items()}).logits.float()
 
 
