@@ -3,7 +3,7 @@
 ```yaml
 evaluation:
   task: sequence-classification          # or causal-lm, image-classification, token-classification, multiple-choice,
-                                         # question-answering, seq2seq
+                                         # question-answering, seq2seq, audio-classification
   dataset: {path: csv, data_files: {validation: data/val.csv, test: data/test.csv, shift: data/shift.csv}}
   # or dataset: {load_from_disk: data/my_dataset}   (a DatasetDict saved with save_to_disk)
   columns: {text: sentence, label: label}
@@ -16,6 +16,7 @@ evaluation:
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 EVALUATION_KEYS = {
     "task": "sequence-classification, causal-lm, image-classification, token-classification, multiple-choice, "
-    "question-answering or seq2seq",
+    "question-answering, seq2seq or audio-classification",
     "dataset": "arguments of datasets.load_dataset, or {load_from_disk: DIR}",
     "selection_split": "the split greedy/learned soups are chosen on",
     "report_splits": "splits reported but never used to choose (test, distribution shifts)",
@@ -38,8 +39,9 @@ EVALUATION_KEYS = {
     "greater_is_better": "direction of a metric that is not built in",
     "metric_key": "which value of a metric that returns several",
     "columns": "column names of the raw data by key: text, text_pair, label (tokens, tags; choices, context; "
-    "question, answers; source, target)",
+    "question, answers; source, target; audio)",
     "max_length": "tokenizer truncation length",
+    "max_length_seconds": "audio-classification: clips are cut to this many seconds (default: whole clips)",
     "generation_max_length": "seq2seq: the longest generation in tokens (default: the generation config's)",
     "num_beams": "seq2seq: beams of the search (default: the generation config's)",
     "batch_size": "evaluation batch size (default 32)",
@@ -58,6 +60,7 @@ NULLABLE = {
     "greater_is_better",
     "metric_key",
     "max_length",
+    "max_length_seconds",
     "generation_max_length",
     "num_beams",
     "preprocess",
@@ -93,6 +96,7 @@ class Evaluation:
     metric_key: str | None = None
     columns: dict[str, str] = field(default_factory=dict)
     max_length: int | None = None
+    max_length_seconds: float | None = None
     generation_max_length: int | None = None
     num_beams: int | None = None
     batch_size: int = 32
@@ -130,6 +134,7 @@ class Evaluation:
             "metric_key": str,
             "columns": Mapping,
             "max_length": int,
+            "max_length_seconds": (int, float),
             "generation_max_length": int,
             "num_beams": int,
             "batch_size": int,
@@ -143,7 +148,7 @@ class Evaluation:
             if key not in data or (data[key] is None and key in NULLABLE):
                 continue
             value = data[key]
-            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            if not isinstance(value, kind) or (kind in (int, (int, float)) and isinstance(value, bool)):
                 names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
                 got = "null (an empty value)" if value is None else f"{type(value).__name__} {brief(value)}"
                 raise SoupError(f"{where}.{key} must be a {names}, got {got} ({EVALUATION_KEYS[key]})")
@@ -184,6 +189,14 @@ class Evaluation:
                 raise SoupError(
                     f"{where}.{key} sets generation, which only task seq2seq does (task is {task!r}); remove it"
                 )
+        seconds = data.get("max_length_seconds")
+        if seconds is not None and (task != "audio-classification" or not 0 < seconds < math.inf):
+            raise SoupError(
+                f"{where}.max_length_seconds cuts audio clips: a number of seconds > 0 for task audio-classification "
+                f"(task is {task!r}, got {brief(seconds)}); remove it or fix it"
+            )
+        if task == "audio-classification" and data.get("max_length") is not None:
+            raise SoupError(f"{where}.max_length truncates text; audio clips are cut by max_length_seconds")
         dataset = dict(data["dataset"]) if data.get("dataset") is not None else None
         if dataset is not None:
             dataset = _resolve_files(dataset, base_dir)
@@ -255,6 +268,7 @@ class Evaluation:
             max_length=self.max_length,
             preprocess=_import(self.preprocess, "preprocess") if self.preprocess else None,
             generation={"max_length": self.generation_max_length, "num_beams": self.num_beams},
+            max_length_seconds=self.max_length_seconds,
             batch_size=self.batch_size,
             trust_remote_code=self.trust_remote_code,
         )

@@ -185,13 +185,15 @@ class Scorer(BaseScorer):
             classification), an `evaluate` module path, a `compute_metrics` callable, or `"module:function"`.
         greater_is_better (`bool`, *optional*): direction; built-in metrics know theirs.
         metric_key (`str`, *optional*): which value of a dict-returning metric to use.
-        tokenizer, columns, max_length, preprocess: see `hf_soup.tasks.preprocess_split`.
+        tokenizer, columns, max_length, preprocess: see `hf_soup.tasks.preprocess_split` (for
+            `audio-classification`, `tokenizer` is the model's feature extractor).
         collator (`Callable`, *optional*): `list[example] -> batch`; defaults to padding by the task.
         batch_size (`int`, *optional*, defaults to 32).
         trust_remote_code (`bool`, *optional*, defaults to `False`): allow an `evaluate` metric from the Hub (its
             downloaded Python code runs).
         generation (`dict`, *optional*): `max_length` and `num_beams` of a generating task (`seq2seq`), over its
             generation config.
+        max_length_seconds (`float`, *optional*): `audio-classification` cuts every clip to its first seconds.
 
     Example:
 
@@ -218,6 +220,7 @@ class Scorer(BaseScorer):
         batch_size: int = 32,
         trust_remote_code: bool = False,
         generation: Mapping[str, int | None] | None = None,
+        max_length_seconds: float | None = None,
     ):
         if not splits:
             raise SoupError("a scorer needs at least one split")
@@ -226,6 +229,7 @@ class Scorer(BaseScorer):
         self.task = get_task(task)
         self.ensemble_undefined = self.task.ensemble_undefined
         self.task.set_generation(**{k: v for k, v in (generation or {}).items() if v is not None})
+        self.task.set_max_length_seconds(max_length_seconds)
         self.task.check_columns(columns or {}, "columns")
         self.metric = make_metric(
             metric,

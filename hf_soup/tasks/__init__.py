@@ -7,6 +7,7 @@ and labels, and which metrics a task computes. One module per task family, each 
 - `choices`: `multiple-choice` (`[B, C, T]` batches)
 - `spans`: `question-answering` (extractive: answer spans of the context, SQuAD exact match and F1)
 - `generation`: `seq2seq` (generated text scored with ROUGE-L, BLEU, chrF, exact match)
+- `audio`: `audio-classification` (clips through the model's feature extractor)
 
 Scorers and strategies see only a task's methods (`preprocess`, `collate`, `outputs`, `metrics`,
 `training_loss`).
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 
 from ..errors import SoupError, brief, did_you_mean
+from .audio import AUDIO_INPUTS, AudioClassification
 from .base import Batches, MetricFunction, Task, input_device
 from .choices import MultipleChoice
 from .generation import Seq2SeqGeneration
@@ -54,6 +56,7 @@ TASKS: dict[str, Task] = {
         MultipleChoice("multiple-choice", "AutoModelForMultipleChoice", "accuracy", TEXT_INPUTS),
         QuestionAnswering("question-answering", "AutoModelForQuestionAnswering", "f1", TEXT_INPUTS),
         Seq2SeqGeneration("seq2seq", "AutoModelForSeq2SeqLM", "rougeL", ("input_ids", "attention_mask")),
+        AudioClassification("audio-classification", "AutoModelForAudioClassification", "accuracy", AUDIO_INPUTS),
     )
 }
 
@@ -80,6 +83,8 @@ def preprocess_split(
     Args:
         dataset: the split.
         task (`Task`): what the rows are (`get_task(name)`); its `column_keys` are the `columns` it reads.
+        tokenizer: what turns raw rows into model inputs (`task.processing`): the tokenizer, or for
+            `audio-classification` the feature extractor.
         columns (`dict`, *optional*): raw column names by key, e.g. `{"text": "sentence", "label": "label"}`, or
             `{"tokens": "words", "tags": "ner_tags"}` for token classification.
         preprocess: a function `batch -> batch` used instead of the task's own (e.g. an image processor); its
@@ -92,6 +97,6 @@ def preprocess_split(
 
 
 def collate(task: Task, tokenizer=None) -> Callable[[list[dict]], dict[str, torch.Tensor]]:
-    """The task's batching of examples (padding with the tokenizer's pad id; label padding -100 where labels are
-    sequences)."""
+    """The task's batching of examples (padding with the tokenizer's pad id, or the feature extractor's `pad`; label
+    padding -100 where labels are sequences)."""
     return task.collate(tokenizer)

@@ -46,6 +46,8 @@ class Task:
     label_key: ClassVar[str] = "label"
     # why averaging several models' outputs is no logit ensemble (generated tokens); None when they are logits
     ensemble_undefined: ClassVar[str | None] = None
+    # what turns raw rows into model inputs, saved with the model: "tokenizer" or "feature_extractor" (audio)
+    processing: ClassVar[str] = "tokenizer"
 
     def fresh(self) -> Task:
         """A new instance of this task, with nothing learned from a model yet."""
@@ -67,6 +69,14 @@ class Task:
             raise SoupError(
                 f"generation settings {brief(sorted(settings))} mean nothing to task {self.name!r}, which does not "
                 "generate; remove them"
+            )
+
+    def set_max_length_seconds(self, seconds: float | None) -> None:
+        """The longest clip in seconds (`evaluation.max_length_seconds`): only a task that reads audio takes it."""
+        if seconds is not None:
+            raise SoupError(
+                f"max_length_seconds cuts audio clips, which task {self.name!r} does not read; remove it (max_length "
+                "truncates text)"
             )
 
     def column(self, columns: Mapping[str, str], key: str) -> str | None:
