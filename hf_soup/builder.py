@@ -22,7 +22,7 @@ from .inspection import task_vector_geometry
 from .jsonfile import read_model_file
 from .merge import Parameters, Plan, plan_soup, stream_merge
 from .methods import Method, get_method
-from .preparation import Located, Selection, locate, open_kitchen, prepare_scorer, saved_tokenizer
+from .preparation import Located, Selection, locate, open_kitchen, prepare_scorer, saved_processing_class
 from .recipe import Recipe, load_recipe, lookup
 from .schedules import per_tensor
 from .scoring import Scorer
@@ -191,7 +191,8 @@ class SoupBuilder:
         from safetensors.torch import save_file
 
         recipe = self.recipe
-        scorer = prepare_scorer(recipe, saved_tokenizer(recipe.base_model or located[0].folder), scorer)
+        processing = saved_processing_class(recipe, recipe.base_model or located[0].folder)
+        scorer = prepare_scorer(recipe, processing, scorer)
         selection = Selection.of(recipe.evaluation, scorer)
         folder = Path(tempfile.mkdtemp(prefix=".hf_soup-statistics-", dir=where if where.is_dir() else None))
         stack.callback(shutil.rmtree, folder, True)
@@ -211,7 +212,8 @@ class SoupBuilder:
 
         `storage` is the file beside the soup where a strategy keeps resumable state (`search`'s study)."""
         recipe = self.recipe
-        scorer = prepare_scorer(recipe, saved_tokenizer(recipe.base_model or located[0].folder), scorer)
+        processing = saved_processing_class(recipe, recipe.base_model or located[0].folder)
+        scorer = prepare_scorer(recipe, processing, scorer)
         selection = Selection.of(recipe.evaluation, scorer)
         with open_kitchen(recipe, located[0].folder, scorer, selection) as kitchen:
             ingredients = [ingredient for ingredient, _ in located]

@@ -7,8 +7,9 @@ every value of an object not named in `fields`). `read_json` parses a file and c
 the wrong shape, is a one-line `SoupError` that names the file, the field, what was found and what was expected.
 
 The files of a Transformers or peft folder are declared here (`MODEL_FILES`: `config.json`, `generation_config.json`,
-`tokenizer_config.json`, `special_tokens_map.json`, `adapter_config.json`, shard indexes). Each declares the fields
-hf_soup reads, and those the libraries it hands the folder to would choke on; keys not declared are left alone.
+`tokenizer_config.json`, `special_tokens_map.json`, `adapter_config.json`, `preprocessor_config.json`, shard
+indexes). Each declares the fields hf_soup reads, and those the libraries it hands the folder to would choke on; keys
+not declared are left alone.
 `pantry.json` is checked by `hf_soup.pantry`, `soup.json` by `hf_soup.record` (its shape is declared there).
 
 Example:
@@ -242,6 +243,20 @@ ADAPTER_CONFIG = shape(
         "trainable_token_indices": shape("list", "object", "null"),
     },
 )
+PREPROCESSOR_CONFIG = shape(  # an audio feature extractor's settings (or an image processor's)
+    "object",
+    fields={
+        "feature_extractor_type": OPTIONAL_STRING,
+        "image_processor_type": OPTIONAL_STRING,
+        "processor_class": OPTIONAL_STRING,
+        "sampling_rate": shape("integer"),
+        "feature_size": shape("integer"),
+        "padding_value": shape("finite"),
+        "padding_side": OPTIONAL_STRING,
+        "return_attention_mask": OPTIONAL_BOOLEAN,
+        "do_normalize": OPTIONAL_BOOLEAN,
+    },
+)
 SHARD_INDEX = shape(
     "object",
     required=("weight_map",),
@@ -257,6 +272,7 @@ MODEL_FILES: dict[str, tuple[Shape, str]] = {
     "tokenizer_config.json": (TOKENIZER_CONFIG, SAVE_TOKENIZER),
     "special_tokens_map.json": (SPECIAL_TOKENS_MAP, SAVE_TOKENIZER),
     "adapter_config.json": (ADAPTER_CONFIG, "save the adapter again"),
+    "preprocessor_config.json": (PREPROCESSOR_CONFIG, "save the feature extractor again (save_pretrained)"),
     "model.safetensors.index.json": (SHARD_INDEX, SHARD_INDEX_FIX),
     "adapter_model.safetensors.index.json": (SHARD_INDEX, SHARD_INDEX_FIX),
     "pytorch_model.bin.index.json": (SHARD_INDEX, SHARD_INDEX_FIX),

@@ -1,5 +1,6 @@
-"""From a recipe to what a cook needs: the ingredients located, the saved tokenizer, the scorer, the resident model
-(`Kitchen`) and the `Selection` (which split chooses the soup, which are reported, which rows are compared).
+"""From a recipe to what a cook needs: the ingredients located, the saved tokenizer (or, for audio, feature
+extractor), the scorer, the resident model (`Kitchen`) and the `Selection` (which split chooses the soup, which are
+reported, which rows are compared).
 
 Both cooks (full models in `hf_soup.builder`, LoRA adapters in `hf_soup.adapters.cooking`) and the on-demand figures
 (`hf_soup.recipe_plots`) prepare through here, so a recipe means the same thing to each of them.
@@ -9,7 +10,7 @@ Example:
 ```python
 >>> recipe = load_recipe("recipes/greedy.yaml")
 >>> located = locate(recipe)                       # [Located(ingredient, folder), ...]
->>> scorer = prepare_scorer(recipe, saved_tokenizer(located[0].folder))
+>>> scorer = prepare_scorer(recipe, saved_processing_class(recipe, located[0].folder))
 >>> selection = Selection.of(recipe.evaluation, scorer)
 ```
 """
@@ -28,8 +29,10 @@ from .kitchen import Kitchen
 from .pantry import Pantry
 from .recipe import Recipe
 from .scoring import Scorer
+from .tasks import TASKS
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model")
+FEATURE_EXTRACTOR_FILE = "preprocessor_config.json"
 
 
 class Located(NamedTuple):
@@ -88,8 +91,37 @@ def saved_tokenizer(*folders: Path | None):
     return None
 
 
+def saved_feature_extractor(*folders: Path | None):
+    """The feature extractor saved in the first of `folders` that has one (`preprocessor_config.json`), or `None`
+    when none has; its JSON is checked first, and what Transformers still cannot load is a one-line `SoupError`."""
+    for folder in folders:
+        if folder is not None and (Path(folder) / FEATURE_EXTRACTOR_FILE).is_file():
+            from transformers import AutoFeatureExtractor
+
+            read_model_file(Path(folder), FEATURE_EXTRACTOR_FILE)
+            try:
+                return AutoFeatureExtractor.from_pretrained(folder)
+            except (ValueError, TypeError, AttributeError, KeyError, OSError) as error:
+                raise SoupError(
+                    f"cannot load the feature extractor saved in {folder} ({type(error).__name__}: "
+                    f"{first_line(error)}); save it again (feature_extractor.save_pretrained)"
+                ) from None
+    return None
+
+
+def saved_processing_class(recipe: Recipe, *folders: Path | None):
+    """What turns the recipe's raw rows into model inputs, saved in the first of `folders` that has one: the
+    feature extractor for a task that reads audio (`Task.processing`), otherwise the tokenizer; `None` if none is
+    saved."""
+    task = TASKS.get(recipe.evaluation.task) if recipe.evaluation is not None else None
+    if task is not None and task.processing == "feature_extractor":
+        return saved_feature_extractor(*folders)
+    return saved_tokenizer(*folders)
+
+
 def prepare_scorer(recipe: Recipe, tokenizer, scorer: Scorer | None = None) -> Scorer:
-    """The scorer given from Python, or the one the recipe's `evaluation:` section describes."""
+    """The scorer given from Python, or the one the recipe's `evaluation:` section describes (`tokenizer`: from
+    `saved_processing_class`)."""
     if scorer is not None:
         return scorer
     if recipe.evaluation is None:

@@ -29,7 +29,7 @@ from .plots import (
     plot_landscape,
     task_vector_angles,
 )
-from .preparation import Selection, locate, open_kitchen, prepare_scorer, saved_tokenizer
+from .preparation import Selection, locate, open_kitchen, prepare_scorer, saved_processing_class
 from .recipe import Recipe, load_recipe
 from .record import NAME as RECORD_NAME
 from .strategies import Tasting
@@ -45,7 +45,7 @@ def recipe_tasting(recipe: Recipe) -> Iterator[Tasting]:
     check_configs(folders, labels, trust_remote_code=recipe.trust_remote_code)
     with contextlib.ExitStack() as stack:
         readers = [stack.enter_context(CheckpointReader(f, label=label)) for f, label in zip(folders, labels)]
-        scorer = prepare_scorer(recipe, saved_tokenizer(recipe.base_model or folders[0]))
+        scorer = prepare_scorer(recipe, saved_processing_class(recipe, recipe.base_model or folders[0]))
         selection = Selection.of(recipe.evaluation, scorer)
         kitchen = stack.enter_context(open_kitchen(recipe, folders[0], scorer, selection))
         yield Tasting([i for i, _ in located], readers, kitchen, scorer, selection.split, reuse_recorded=False)
