@@ -120,9 +120,7 @@ class TrainerScorer(BaseScorer):
         self.evaluation = {"selection_split": selection, "report_splits": report, **evaluation}
         greater = args.greater_is_better if args.greater_is_better is not None else not metric.endswith("loss")
         self.metric = Metric(metric, self._compute_metric, greater)
-        model_class = type(_unwrap(trainer.model)).__name__
-        name, auto_class = next((t for end, t in TASK_NAMES.items() if model_class.endswith(end)), (model_class, ""))
-        self.task = TrainerTask(name, auto_class, metric, ())
+        self.task = TrainerTask(*task_of(type(_unwrap(trainer.model)).__name__), metric, ())
         self.collator = trainer.data_collator
         self.resident = trainer.model
         self.evaluations = 0
@@ -180,6 +178,17 @@ class TrainerScorer(BaseScorer):
                 "metric_for_best_model must be one of compute_metrics' keys for the ensemble rows"
             )
         return float(values[self.metric.name])
+
+
+def task_of(model_class: str) -> tuple[str, str]:
+    """The task name and Auto class of a model class: by the Auto audio-classification mapping first (audio models
+    are mostly named `...ForSequenceClassification`), then by the class name's ending; the class name and no Auto
+    class for a model of a task hf_soup does not know."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_AUDIO_CLASSIFICATION_MAPPING_NAMES
+
+    if model_class in MODEL_FOR_AUDIO_CLASSIFICATION_MAPPING_NAMES.values():
+        return TASK_NAMES["ForAudioClassification"]
+    return next((task for end, task in TASK_NAMES.items() if model_class.endswith(end)), (model_class, ""))
 
 
 def _metric_name(metric_for_best_model: str | None, splits: Mapping[str, Any]) -> tuple[str, str | None]:
