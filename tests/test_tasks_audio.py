@@ -233,6 +233,24 @@ def test_clips_are_padded_by_the_feature_extractor_and_cut_to_max_length_seconds
     assert torch.equal(cut_logits, torch.cat([b[0] for b in by_hand.outputs(model, "validation")]))
 
 
+def test_inputs_made_by_a_preprocess_function_are_zero_padded_without_an_extractor():
+    """`evaluation.preprocess` makes the inputs and no feature extractor is saved: each input is right-padded with
+    zeros, masks included, and the labels kept."""
+    rows = clips(3, 9)
+
+    def preprocess(batch):
+        arrays = [a["array"] for a in batch["audio"]]
+        return {"input_values": arrays, "attention_mask": [[1] * len(a) for a in arrays]}
+
+    scorer = Scorer({"validation": rows}, task="audio-classification", preprocess=preprocess)
+    batch = scorer.collator([scorer.split("validation")[i] for i in range(3)])
+    lengths = [len(a["array"]) for a in rows["audio"]]
+    assert batch["input_values"].shape == (3, max(lengths)) and batch["labels"].tolist() == rows["label"]
+    assert batch["attention_mask"].sum(-1).tolist() == lengths
+    shortest = lengths.index(min(lengths))
+    assert torch.equal(batch["input_values"][shortest, min(lengths) :], torch.zeros(max(lengths) - min(lengths)))
+
+
 def spectrogram_classifier(kind):
     """A tiny AST or Whisper-encoder classifier and its feature extractor (log-mel frames, not raw samples)."""
     from transformers import (
