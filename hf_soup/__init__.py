@@ -15,6 +15,7 @@ _EXPORTS = {
     "SoupCallback": "callback",
     "Soup": "soup",
     "SoupBuilder": "builder",
+    "cook_at_end": "sweep",
     "CheckpointReader": "checkpoint",
     "CheckpointWriter": "writer",
     "SoupError": "errors",
@@ -54,6 +55,7 @@ __all__ = [
     "SoupError",
     "StrategyResult",
     "Tasting",
+    "cook_at_end",
     "get_method",
     "get_strategy",
     "inspect_ingredients",
@@ -92,4 +94,5 @@ if TYPE_CHECKING:  # pragma: no cover
     from .scoring import Scorer
     from .soup import Soup
     from .strategies import StrategyResult, Tasting, get_strategy, register_strategy
+    from .sweep import cook_at_end
     from .writer import CheckpointWriter

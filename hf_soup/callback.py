@@ -3,15 +3,18 @@
 The callback reads everything from the Trainer's own `args` and `state`: the metric a checkpoint is selected by
 (`metric_for_best_model`, `greater_is_better`), the best checkpoint (`best_model_checkpoint`), the metric of each
 evaluated step (`log_history`) and, under `Trainer.hyperparameter_search`, the trial (`trial_params`). It only talks
-to a `Pantry`; it never merges (the pantry is the only link between training and cooking).
+to a `Pantry` and never merges: cooking when the sweep ends is a function handed to it (`cook=`, e.g.
+`hf_soup.cook_at_end(...)`), which reads the pantry like any cook; this module imports none of the cooking machinery.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +23,10 @@ from transformers.trainer_callback import ExportableState
 
 from .atomic import sha256_file
 from .checkpoint import weight_files
-from .errors import SoupError
+from .errors import SoupError, first_line
 from .ingredient import Ingredient
 from .pantry import Pantry
+from .processes import call_together, rank
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +88,15 @@ class SoupCallback(TrainerCallback, ExportableState):
         when (`str`, *optional*, defaults to `"save"`):
             `"save"`: update the pantry as checkpoints are saved (a new best replaces the run's previous best), so
             a run that crashes or is stopped early still leaves its best; `"end"`: add once, when training ends.
+        cook (`Callable[[Pantry], Any]`, *optional*):
+            what to do with the pantry when the sweep ends, e.g. `hf_soup.cook_at_end("recipe.yaml")`; its result is
+            kept in `callback.soup`. Called when the `runs`-th run ends, or by `callback.end_sweep()`. Under
+            `accelerate launch` every process calls it at once (hf_soup's cooks score on every process and write on
+            the main one). A failing cook leaves the pantry as it was; its error is logged, kept in `callback.error`.
+            A `cook` with a `check(pantry)` method is checked here, before any training.
+        runs (`int`, *optional*):
+            cook when this many runs have ended with this callback: `n_trials` of `hyperparameter_search`, or the
+            number of Trainers one callback object is given to in a loop. Without it, call `end_sweep()`.
 
     Example (a tiny model from a config, a few rows in memory):
 
@@ -117,6 +130,8 @@ class SoupCallback(TrainerCallback, ExportableState):
         tags: dict[str, Any] | None = None,
         split: str = "eval",
         when: str = "save",
+        cook: Callable[[Pantry], Any] | None = None,
+        runs: int | None = None,
     ):
         match = KEEP.match(str(keep))
         if match is None:
@@ -136,7 +151,18 @@ class SoupCallback(TrainerCallback, ExportableState):
             json.dumps(tags or {})
         except (TypeError, ValueError) as error:
             raise SoupError(f"tags must hold JSON values (str, number, bool, list, dict): {error}") from None
+        if cook is not None and not callable(cook):
+            raise SoupError(f"cook must be a function of the pantry such as hf_soup.cook_at_end(...), got {cook!r}")
+        if runs is not None and (not isinstance(runs, int) or isinstance(runs, bool) or runs < 1 or cook is None):
+            raise SoupError(
+                f"runs={runs!r}: runs is the number of runs after which `cook` is called, a whole number >= 1 (e.g. "
+                "the n_trials of hyperparameter_search), given together with cook=hf_soup.cook_at_end(...)"
+            )
         self.pantry = pantry if isinstance(pantry, Pantry) else Pantry(pantry)
+        self.cook, self.runs = cook, runs
+        self.ended, self.soup, self.error = 0, None, None  # runs ended here; what `cook` returned; why it failed
+        if callable(getattr(cook, "check", None)):
+            cook.check(self.pantry)  # a bad recipe or output fails now, not at the end of the sweep
         self.keep = keep
         self.last = int(match.group(2)) if match.group(2) else None
         self.tags = dict(tags or {})
@@ -194,8 +220,41 @@ class SoupCallback(TrainerCallback, ExportableState):
                 )
 
     def on_train_end(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            self._update(args, state, final=True)
+        self.ended += 1
+        cooking = self.cook is not None and self.ended == self.runs
+        try:
+            if state.is_world_process_zero:
+                self._update(args, state, final=True)
+        except Exception as error:
+            if cooking:  # the other processes are about to cook: tell them the pantry is not complete
+                with contextlib.suppress(SoupError):
+                    call_together(self.cook, self.pantry, problem=f"the pantry update failed ({first_line(error)})")
+            raise
+        if cooking:
+            try:
+                self.end_sweep()
+            except Exception as error:  # the sweep's result is safe in the pantry: report, do not end the script
+                if rank() == 0:
+                    logger.error(
+                        f"SoupCallback: the cook at the end of the sweep failed ({type(error).__name__}: {error}); "
+                        f"every entry of pantry {self.pantry.root} is kept: cook it again with callback.end_sweep() "
+                        "or `hf-soup cook`",
+                        exc_info=None if isinstance(error, SoupError) else error,  # a bad input says it all
+                    )
+
+    def end_sweep(self) -> Any:
+        """The sweep is over (e.g. a loop of Trainers, or a `hyperparameter_search` with a timeout): call `cook` on the
+        pantry now, keep its result in `callback.soup` and return it. Under `accelerate launch`, call it on every
+        process. A failing cook raises on every process; the pantry is left as it was."""
+        if self.cook is None:
+            raise SoupError("end_sweep calls the callback's cook, but none was given; give SoupCallback(cook=...)")
+        self.soup, self.error = None, None
+        try:
+            self.soup = call_together(self.cook, self.pantry)  # after the main process's last pantry write
+            return self.soup
+        except Exception as error:
+            self.error = error
+            raise
 
     # -- checks ---------------------------------------------------------------------------------------------------
     def _check_args(self, args) -> None:

@@ -130,19 +130,22 @@ def staged_soup(
     target: Path, located: Sequence[Located], recipe: Recipe, *, overwrite: bool
 ) -> Iterator[Staging | None]:
     """Write a soup into a staging folder renamed to `target` when the block ends, `Staging.finish` called; yields
-    `None` on processes other than the main one under `accelerate launch` (they write nothing and wait)."""
+    `None` on processes other than the main one under `accelerate launch` (they write nothing and wait for the main
+    one, which releases them whether its write succeeds or fails)."""
     state = process_state()
     if not state.is_main_process:
         yield None
         state.wait_for_everyone()
         return
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf_soup-sha256") as hasher:
-        digests = hasher.submit(ingredient_digests, located, recipe.allow_pickle)
-        with staged_folder(target, overwrite=overwrite) as folder:
-            staging = Staging(folder, target, located, recipe, digests)
-            yield staging
-            if staging.record is None:
-                raise RuntimeError("a staged soup ended without Staging.finish: soup.json was not written")
+    try:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf_soup-sha256") as hasher:
+            digests = hasher.submit(ingredient_digests, located, recipe.allow_pickle)
+            with staged_folder(target, overwrite=overwrite) as folder:
+                staging = Staging(folder, target, located, recipe, digests)
+                yield staging
+                if staging.record is None:
+                    raise RuntimeError("a staged soup ended without Staging.finish: soup.json was not written")
+    finally:  # written or failed, the other processes are released (they learn of a failure from the caller)
         state.wait_for_everyone()
 
 
