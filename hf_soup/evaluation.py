@@ -3,7 +3,7 @@
 ```yaml
 evaluation:
   task: sequence-classification          # or causal-lm, image-classification, token-classification, multiple-choice,
-                                         # question-answering, seq2seq, audio-classification
+                                         # question-answering, seq2seq, audio-classification, causal-generation
   dataset: {path: csv, data_files: {validation: data/val.csv, test: data/test.csv, shift: data/shift.csv}}
   # or dataset: {load_from_disk: data/my_dataset}   (a DatasetDict saved with save_to_disk)
   columns: {text: sentence, label: label}
@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 EVALUATION_KEYS = {
     "task": "sequence-classification, causal-lm, image-classification, token-classification, multiple-choice, "
-    "question-answering, seq2seq or audio-classification",
+    "question-answering, seq2seq, audio-classification or causal-generation",
     "dataset": "arguments of datasets.load_dataset, or {load_from_disk: DIR}",
     "selection_split": "the split greedy/learned soups are chosen on",
     "report_splits": "splits reported but never used to choose (test, distribution shifts)",
@@ -39,11 +39,14 @@ EVALUATION_KEYS = {
     "greater_is_better": "direction of a metric that is not built in",
     "metric_key": "which value of a metric that returns several",
     "columns": "column names of the raw data by key: text, text_pair, label (tokens, tags; choices, context; "
-    "question, answers; source, target; audio)",
+    "question, answers; source, target; audio; prompt, answer)",
     "max_length": "tokenizer truncation length",
     "max_length_seconds": "audio-classification: clips are cut to this many seconds (default: whole clips)",
-    "generation_max_length": "seq2seq: the longest generation in tokens (default: the generation config's)",
-    "num_beams": "seq2seq: beams of the search (default: the generation config's)",
+    "generation_max_length": "seq2seq, causal-generation: the longest generation in tokens (causal-generation: new "
+    "tokens after the prompt; default: the generation config's)",
+    "num_beams": "seq2seq, causal-generation: beams of the search (default: the generation config's)",
+    "chat_template": "causal-generation: each prompt as a user message through the tokenizer's chat template "
+    "(default false)",
     "batch_size": "evaluation batch size (default 32)",
     "preprocess": "module:function mapping a batch of raw rows to model inputs (instead of tokenizing text)",
     "compare": "extra rows of the report: uniform, greedy, learned, ensemble (default: uniform, ensemble)",
@@ -106,6 +109,7 @@ class Evaluation:
     max_memory: dict[Any, Any] | None = None
     offload_folder: str | None = None
     reuse_recorded_scores: bool = True
+    chat_template: bool = False
     trust_remote_code: bool = False  # the recipe's top-level key: an evaluate metric from the Hub runs its code
 
     @classmethod
@@ -142,6 +146,7 @@ class Evaluation:
             "max_memory": Mapping,
             "offload_folder": str,
             "reuse_recorded_scores": bool,
+            "chat_template": bool,
             "dataset": Mapping,
         }
         for key, kind in kinds.items():
@@ -184,10 +189,12 @@ class Evaluation:
         for key in ("batch_size", "max_length", "generation_max_length", "num_beams"):
             if data.get(key) is not None and data[key] < 1:
                 raise SoupError(f"{where}.{key} must be ≥ 1, got {data[key]}")
+        generating = [name for name, kind in TASKS.items() if kind.generates]
         for key in ("generation_max_length", "num_beams"):
-            if data.get(key) is not None and task != "seq2seq":
+            if data.get(key) is not None and not TASKS[task].generates:
                 raise SoupError(
-                    f"{where}.{key} sets generation, which only task seq2seq does (task is {task!r}); remove it"
+                    f"{where}.{key} sets generation, which only tasks {' and '.join(generating)} do (task is "
+                    f"{task!r}); remove it"
                 )
         seconds = data.get("max_length_seconds")
         if seconds is not None and (task != "audio-classification" or not 0 < seconds < math.inf):
@@ -197,6 +204,11 @@ class Evaluation:
             )
         if task == "audio-classification" and data.get("max_length") is not None:
             raise SoupError(f"{where}.max_length truncates text; audio clips are cut by max_length_seconds")
+        if data.get("chat_template") and task != "causal-generation":
+            raise SoupError(
+                f"{where}.chat_template shows prompts through the tokenizer's chat template, which only task "
+                f"causal-generation has (task is {task!r}); remove it"
+            )
         dataset = dict(data["dataset"]) if data.get("dataset") is not None else None
         if dataset is not None:
             dataset = _resolve_files(dataset, base_dir)
@@ -269,6 +281,7 @@ class Evaluation:
             preprocess=_import(self.preprocess, "preprocess") if self.preprocess else None,
             generation={"max_length": self.generation_max_length, "num_beams": self.num_beams},
             max_length_seconds=self.max_length_seconds,
+            chat_template=self.chat_template,
             batch_size=self.batch_size,
             trust_remote_code=self.trust_remote_code,
         )

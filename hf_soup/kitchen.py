@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import SoupError
+from .errors import SoupError, first_line
 from .tasks import Task
 
 
@@ -66,8 +66,15 @@ class Kitchen:
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        task.check_config(config)
         with init_empty_weights():
-            model = task.model_class().from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+            try:
+                model = task.model_class().from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+            except ValueError as error:  # transformers: "Unrecognized configuration class ... for this AutoModel"
+                raise SoupError(
+                    f"task {task.name!r} scores {task.auto_class} models, which cannot be built from {folder}'s "
+                    f"{config.model_type!r} config ({first_line(error, 120)}); set evaluation.task to the model's task"
+                ) from None
         model.eval()
         model.tie_weights()
         tied = find_tied_parameters(model)

@@ -191,9 +191,11 @@ class Scorer(BaseScorer):
         batch_size (`int`, *optional*, defaults to 32).
         trust_remote_code (`bool`, *optional*, defaults to `False`): allow an `evaluate` metric from the Hub (its
             downloaded Python code runs).
-        generation (`dict`, *optional*): `max_length` and `num_beams` of a generating task (`seq2seq`), over its
-            generation config.
+        generation (`dict`, *optional*): `max_length` and `num_beams` of a generating task (`seq2seq`,
+            `causal-generation`), over its generation config.
         max_length_seconds (`float`, *optional*): `audio-classification` cuts every clip to its first seconds.
+        chat_template (`bool`, *optional*, defaults to `False`): show `causal-generation` prompts as a user message
+            through the tokenizer's chat template (with the generation prompt).
 
     Example:
 
@@ -221,6 +223,7 @@ class Scorer(BaseScorer):
         trust_remote_code: bool = False,
         generation: Mapping[str, int | None] | None = None,
         max_length_seconds: float | None = None,
+        chat_template: bool = False,
     ):
         if not splits:
             raise SoupError("a scorer needs at least one split")
@@ -230,6 +233,7 @@ class Scorer(BaseScorer):
         self.ensemble_undefined = self.task.ensemble_undefined
         self.task.set_generation(**{k: v for k, v in (generation or {}).items() if v is not None})
         self.task.set_max_length_seconds(max_length_seconds)
+        self.task.set_chat_template(chat_template)
         self.task.check_columns(columns or {}, "columns")
         self.metric = make_metric(
             metric,

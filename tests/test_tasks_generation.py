@@ -207,7 +207,10 @@ def test_a_learned_soup_trains_on_the_teacher_forced_loss(tmp_path, writers):
 def test_generation_settings_are_refused_for_a_task_that_does_not_generate(tmp_path):
     from hf_soup.evaluation import Evaluation
 
-    with pytest.raises(SoupError, match="r.yaml: evaluation.num_beams sets generation, which only task seq2seq does"):
+    with pytest.raises(
+        SoupError,
+        match="r.yaml: evaluation.num_beams sets generation, which only tasks seq2seq and causal-generation do",
+    ):
         Evaluation.from_mapping(
             {
                 "task": "question-answering",

@@ -6,11 +6,12 @@ and labels, and which metrics a task computes. One module per task family, each 
 - `tokens`: `token-classification` (tags aligned to sub-words, seqeval entity metrics)
 - `choices`: `multiple-choice` (`[B, C, T]` batches)
 - `spans`: `question-answering` (extractive: answer spans of the context, SQuAD exact match and F1)
-- `generation`: `seq2seq` (generated text scored with ROUGE-L, BLEU, chrF, exact match)
+- `generation`: `seq2seq` and `causal-generation` (generated text scored with ROUGE-L, BLEU, chrF, exact match;
+  one generation loop)
 - `audio`: `audio-classification` (clips through the model's feature extractor)
 
 Scorers and strategies see only a task's methods (`preprocess`, `collate`, `outputs`, `metrics`,
-`training_loss`).
+`training_outputs`, `training_loss`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from ..errors import SoupError, brief, did_you_mean
 from .audio import AUDIO_INPUTS, AudioClassification
 from .base import Batches, MetricFunction, Task, input_device
 from .choices import MultipleChoice
-from .generation import Seq2SeqGeneration
+from .generation import CausalGeneration, Seq2SeqGeneration, answer_logits
 from .images import ImageClassification
 from .logits import flat
 from .sequences import CausalLM, SequenceClassification
@@ -36,6 +37,7 @@ __all__ = [
     "Batches",
     "MetricFunction",
     "Task",
+    "answer_logits",
     "collate",
     "flat",
     "get_task",
@@ -57,6 +59,7 @@ TASKS: dict[str, Task] = {
         QuestionAnswering("question-answering", "AutoModelForQuestionAnswering", "f1", TEXT_INPUTS),
         Seq2SeqGeneration("seq2seq", "AutoModelForSeq2SeqLM", "rougeL", ("input_ids", "attention_mask")),
         AudioClassification("audio-classification", "AutoModelForAudioClassification", "accuracy", AUDIO_INPUTS),
+        CausalGeneration("causal-generation", "AutoModelForCausalLM", "exact_match", ("input_ids", "attention_mask")),
     )
 }
 

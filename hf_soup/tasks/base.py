@@ -48,6 +48,8 @@ class Task:
     ensemble_undefined: ClassVar[str | None] = None
     # what turns raw rows into model inputs, saved with the model: "tokenizer" or "feature_extractor" (audio)
     processing: ClassVar[str] = "tokenizer"
+    # whether the task scores generated text (and so takes generation settings)
+    generates: ClassVar[bool] = False
 
     def fresh(self) -> Task:
         """A new instance of this task, with nothing learned from a model yet."""
@@ -78,6 +80,18 @@ class Task:
                 f"max_length_seconds cuts audio clips, which task {self.name!r} does not read; remove it (max_length "
                 "truncates text)"
             )
+
+    def set_chat_template(self, enabled: bool) -> None:
+        """Prompts through the tokenizer's chat template: only a task with prompts (`causal-generation`) takes it."""
+        if enabled:
+            raise SoupError(
+                f"chat_template shows prompts through the tokenizer's chat template, and task {self.name!r} has no "
+                "prompts (task causal-generation has); remove it"
+            )
+
+    def check_config(self, config) -> None:
+        """Refuse a model config this task cannot score (before the resident model is built); any config by
+        default."""
 
     def column(self, columns: Mapping[str, str], key: str) -> str | None:
         """The raw column the recipe names for `key` (`evaluation.columns`), or the task's default."""
