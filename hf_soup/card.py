@@ -31,6 +31,7 @@ TAGS = ["hf_soup", "model-soup", "merge"]
 PIPELINES = {
     "sequence-classification": "text-classification",
     "causal-lm": "text-generation",
+    "causal-generation": "text-generation",
     "image-classification": "image-classification",
 }
 ARCHITECTURES = {

@@ -209,7 +209,9 @@ def choose(recipe: Recipe, strategy, parameters, located, adapters, base_folder,
 
 
 def _check_task(adapters: list[Adapter], scorer) -> None:
-    expected = {"sequence-classification": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}.get(scorer.task.name)
+    expected = {"sequence-classification": "SEQ_CLS", "causal-lm": "CAUSAL_LM", "causal-generation": "CAUSAL_LM"}.get(
+        scorer.task.name
+    )
     task_type = adapters[0].config.get("task_type")
     if expected and task_type and task_type != expected:
         raise SoupError(
