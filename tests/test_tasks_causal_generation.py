@@ -242,6 +242,8 @@ def test_prompts_are_left_padded_and_the_prompt_is_stripped(fine_tunes):
     assert generated.tolist() == by_hand[:, width:].tolist()
     said = [s.strip() for s in tokenizer.batch_decode(by_hand[:, width:], skip_special_tokens=True)]
     assert scorer.compute([(generated, batch["labels"])]) == np.mean([s == a for s, a in zip(said, data["answer"])])
+    short = Scorer({"validation": data}, task="causal-generation", tokenizer=tokenizer, max_length=3)
+    assert short.split("validation")["input_ids"] == [p[-3:] for p in ids]  # the end is what the answer follows
 
 
 def test_exact_match_compares_stripped_texts_and_casefold_folds_case(fine_tunes):

@@ -66,8 +66,7 @@ class Generation(Task):
 
     def check_texts(self, dataset, wanted: Mapping[str, str], *, split: str, tokenizer) -> None:
         """Refuse a split without the `wanted` columns (key → column name) or with values that are not strings, and
-        a missing tokenizer; keep the tokenizer (the metrics decode with it) and the generation config saved beside
-        it (the first ingredient's own generation settings)."""
+        a missing tokenizer."""
         require_columns(dataset, wanted, split=split)
         if tokenizer is None:
             raise SoupError("a tokenizer is needed to tokenise text: put tokenizer files in the first ingredient")
@@ -78,6 +77,10 @@ class Generation(Task):
                         f"split {brief(split)} row {row}: the {key} must be a string, got {brief(value)}; name the "
                         f"text column in evaluation.columns.{key}"
                     )
+
+    def bind(self, tokenizer) -> None:
+        """Keep the tokenizer (the metrics decode with it) and the generation config saved beside it (the first
+        ingredient's own generation settings)."""
         self._bound["tokenizer"] = tokenizer
         folder = Path(str(getattr(tokenizer, "name_or_path", "")))
         if (folder / "generation_config.json").is_file():
@@ -141,6 +144,7 @@ class Seq2SeqGeneration(Generation):
     def preprocess(self, dataset, *, split: str, tokenizer=None, columns: Mapping[str, str], max_length=None):
         source, target = self.column(columns, "source"), self.column(columns, "target")
         self.check_texts(dataset, {"source": source, "target": target}, split=split, tokenizer=tokenizer)
+        self.bind(tokenizer)
 
         def tokenize(batch):
             encoded = tokenizer(batch[source], truncation=True, max_length=max_length)
@@ -204,6 +208,7 @@ class CausalGeneration(Generation):
     def preprocess(self, dataset, *, split: str, tokenizer=None, columns: Mapping[str, str], max_length=None):
         prompt, answer = self.column(columns, "prompt"), self.column(columns, "answer")
         self.check_texts(dataset, {"prompt": prompt, "answer": answer}, split=split, tokenizer=tokenizer)
+        self.bind(tokenizer)
         chat = self._bound.get("chat_template", False)
         if chat and not getattr(tokenizer, "chat_template", None):
             raise SoupError(
