@@ -33,11 +33,20 @@ PIPELINES = {
     "causal-lm": "text-generation",
     "causal-generation": "text-generation",
     "image-classification": "image-classification",
+    "audio-classification": "audio-classification",
+    "token-classification": "token-classification",
+    "multiple-choice": "multiple-choice",
+    "question-answering": "question-answering",
+    "seq2seq": "text2text-generation",
 }
 ARCHITECTURES = {
     "ForSequenceClassification": "sequence-classification",
     "ForCausalLM": "causal-lm",
     "ForImageClassification": "image-classification",
+    "ForAudioClassification": "audio-classification",
+    "ForTokenClassification": "token-classification",
+    "ForMultipleChoice": "multiple-choice",
+    "ForQuestionAnswering": "question-answering",
 }
 PAPER = "https://arxiv.org/abs/2203.05482"
 BUILDERS = {"csv", "json", "parquet", "text", "arrow", "pandas", "sql", "imagefolder", "audiofolder", "webdataset"}
