@@ -237,7 +237,11 @@ def _template(
             others = [
                 label for labels in kinds.values() for label in labels if named[label].template != chosen.template
             ]
-            notes.append(f"chat template: the soup keeps {chosen.label}'s; {', '.join(others)} had another")
+            kept = f"keeps {chosen.label}'s" if chosen.template is not None else f"has none ({chosen.label} has none)"
+            notes.append(
+                f"chat template: the soup {kept}; {', '.join(others)} had another (tokenizer: chat_template: "
+                "<ingredient id> keeps that one)"
+            )
         return None
     if len(kinds) > 1:
         groups = "; ".join(f"{', '.join(labels)} have one" for labels in kinds.values())
@@ -314,7 +318,9 @@ def _align(
         "pad_to_multiple_of": multiple,
         "mapping": mapping,
         "dropped": {
-            m.label: [t for t in m.held if t not in vocabulary] for m in held if set(m.held) - set(vocabulary)
+            m.label: sorted((t for t in m.held if t not in vocabulary), key=m.held.get)
+            for m in held
+            if set(m.held) - set(vocabulary)
         },
         "models": [{"id": model.label, "tokens": model.size, "rows": model.rows} for model in held],
     }
