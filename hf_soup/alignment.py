@@ -76,7 +76,7 @@ def _embedding_modules(folder: Path, config: dict, trust_remote_code: bool) -> l
     try:
         settings = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
         with init_empty_weights():
-            model = model_class._from_config(settings)
+            model = model_class(settings)
     except Exception as error:  # noqa: BLE001 - any failure means: fall back to shapes
         logger.info("cannot build %s on the meta device (%s); embeddings found by shape", architecture, error)
         return None

@@ -235,8 +235,7 @@ def _typed(data: Mapping[str, Any], key: str, kind: type | tuple[type, ...], sou
     if kind is int and isinstance(value, bool) or not isinstance(value, kind):
         names = " or ".join(KIND_NAMES[k] for k in (kind if isinstance(kind, tuple) else (kind,)))
         raise SoupError(
-            f"{source}: `{key}` must be {names}, got {type(value).__name__} {brief(value)} "
-            f"({RECIPE_KEYS[key]})"
+            f"{source}: `{key}` must be {names}, got {type(value).__name__} {brief(value)} ({RECIPE_KEYS[key]})"
         )
     return value
 

@@ -82,7 +82,7 @@ def load_tokenizer(folder: Path, label: str | None = None):
         return AutoTokenizer.from_pretrained(folder)
     except SoupError:
         raise
-    except (ValueError, TypeError, AttributeError, KeyError, IndexError, OSError) as error:
+    except Exception as error:  # noqa: BLE001 - tokenizers' own parse errors are plain `Exception`s
         raise SoupError(
             (f"ingredient {label}: " if label else "")
             + f"cannot load the tokenizer saved in {folder} ({type(error).__name__}: {first_line(error)}); check "
@@ -129,7 +129,8 @@ def check_tokenizers(models: Sequence[Any], source: str) -> list[str]:
         other = tokenizer.get_vocab()
         if other == vocabulary:
             continue
-        extra, gone = [t for t in other if t not in vocabulary], [t for t in vocabulary if t not in other]
+        extra = sorted((t for t in other if t not in vocabulary), key=other.get)
+        gone = sorted((t for t in vocabulary if t not in other), key=vocabulary.get)
         moved = [t for t in other if t in vocabulary and other[t] != vocabulary[t]]
         parts = [f"{label} has {len(extra)} token(s) {first} lacks ({few(extra)})"] if extra else []
         parts += [f"{first} has {len(gone)} token(s) {label} lacks ({few(gone)})"] if gone else []

@@ -102,6 +102,14 @@ def prepare_vocabulary(
             )
         held.append(Held(reader.label, reader.folder, load_tokenizer(reader.folder, reader.label), shapes.pop()))
     vocabulary = _build(choice, held, base is not None, frozenset(names), source)
+    for model in held:
+        rowless = sorted((t for t in model.ids if t not in model.held), key=model.ids.get)
+        if rowless:
+            vocabulary.notes.append(
+                f"{model.label}'s tokenizer has {len(rowless)} token(s) beyond its {model.rows} embedding rows "
+                f"({few(rowless)}; its embeddings were not resized): it lacks them, and a token no model has a row "
+                "for is left out"
+            )
     for note in vocabulary.notes:
         logger.warning(note)
     return vocabulary, vocabulary.notes
