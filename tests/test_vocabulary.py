@@ -244,3 +244,34 @@ def test_strategies_taste_aligned_models(models, tmp_path):
         model = AutoModelForCausalLM.from_pretrained(soup.path)
         assert model.config.vocab_size == 64
         assert scorer.score(model, "validation") == pytest.approx(soup.record["strategy"]["score"], abs=1e-5)
+
+
+def test_figures_from_a_union_recipe_read_the_aligned_models(models):
+    """`hf-soup plot` tastes a recipe's ingredients and base in the soup's vocabulary, as the cook does."""
+    from datasets import Dataset
+
+    from hf_soup.plots import landscape
+    from hf_soup.recipe import Recipe
+    from hf_soup.recipe_plots import recipe_tasting
+
+    rows = torch.randint(3, 64, (4, 6), generator=torch.Generator().manual_seed(2))
+    evaluation = {
+        "task": "causal-lm",
+        "metric": "loss",
+        "splits": {"validation": Dataset.from_dict({"input_ids": rows.tolist()})},
+        "selection_split": "validation",
+    }
+    recipe = Recipe.from_mapping(
+        {
+            "method": "greedy",
+            "ingredients": [str(models / "run"), str(models / "chat")],
+            "base_model": str(models / "base"),
+            "tokenizer": "union",
+            "evaluation": evaluation,
+        }
+    )
+    with recipe_tasting(recipe) as tasting:
+        assert tasting.base.info(EMBED).shape == (64, 32) and tasting.kitchen.model.config.vocab_size == 64
+        data = landscape(tasting, tasting.base, 0, 1, grid=2, span=(0.0, 1.0))
+    scores = [score for row in data["scores"] for score in row]
+    assert len(scores) == 4 and all(score == score for score in scores)
