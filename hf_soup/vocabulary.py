@@ -98,7 +98,13 @@ def prepare_vocabulary(
         shapes = {reader.info(name).shape[0] for name in names if name in reader}
         if len(shapes) != 1:
             raise SoupError(
-                f"{reader.label}: its embedding tensors ({', '.join(names)}) differ in rows {sorted(shapes)}"
+                f"ingredient {reader.label}: "
+                + (
+                    f"its embedding tensors ({', '.join(names)}) differ in rows {sorted(shapes)}"
+                    if shapes
+                    else f"lacks the embedding tensors of {readers[0].label} ({', '.join(names)})"
+                )
+                + "; ingredients must come from one architecture"
             )
         held.append(Held(reader.label, reader.folder, load_tokenizer(reader.folder, reader.label), shapes.pop()))
     vocabulary = _build(choice, held, base is not None, frozenset(names), source)
