@@ -29,6 +29,7 @@ from .scoring import Scorer
 from .soup import Soup, copy_side_files, staged_soup
 from .strategies import StrategyResult, Tasting
 from .trainer_scoring import TrainerScorer
+from .vocabulary import prepare_vocabulary
 from .writer import CheckpointWriter
 
 logger = logging.getLogger(__name__)
@@ -108,6 +109,11 @@ class SoupBuilder:
         if not located:
             raise SoupError(f"{recipe.source}: the ingredient list is empty; give at least one model folder")
         if any(ingredient.kind == "adapter" for ingredient, _ in located):  # LoRA adapters: soups in adapter space
+            if recipe.tokenizer is not None:
+                raise SoupError(
+                    f"{recipe.source}: `tokenizer:` merges the vocabularies of full models; an adapter soup keeps "
+                    "the base model's tokenizer: remove `tokenizer:`"
+                )
             return cook_adapters(recipe, located, target, overwrite=overwrite, progress=progress, scorer=scorer)
         declared = lookup(recipe.method)
         parameters = declared.bind(recipe.parameters, len(located), source=recipe.source)
@@ -129,9 +135,15 @@ class SoupBuilder:
                 base = stack.enter_context(
                     CheckpointReader(recipe.base_model, allow_pickle=recipe.allow_pickle, label="base_model")
                 )
+            vocabulary, vocabulary_notes = prepare_vocabulary(
+                recipe.tokenizer, readers, base, source=recipe.source, trust_remote_code=recipe.trust_remote_code
+            )
+            if vocabulary is not None:  # the ingredients' embedding and output rows in the soup's vocabulary
+                readers, base = vocabulary.align(readers, base)
             rearranged = getattr(declared, "layout", None) is not None  # passthrough: one renamed view
             merged_from, plan = _plan(declared, parameters, readers, base, dtype)
-            decision = self._decide(declared, parameters, located, readers, base, scorer, target, stack)
+            plan.notes += vocabulary_notes
+            decision = self._decide(declared, parameters, located, readers, base, scorer, target, stack, vocabulary)
             with staged_soup(target, located, recipe, overwrite=overwrite) as staging:
                 if staging is None:  # under accelerate launch, only the main process writes
                     return Soup(target, {"method": declared.name, **decision.sections})
@@ -157,6 +169,9 @@ class SoupBuilder:
                     config = declared.configure(read_model_file(staging.folder, "config.json"), parameters)
                     (staging.folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
                 sections = dict(decision.sections)
+                if vocabulary is not None:  # its tokenizer, config.json's vocab_size, and the mapping in soup.json
+                    vocabulary.write(staging.folder)
+                    sections["vocabulary"] = vocabulary.record
                 if declared.kind == "strategy":  # figure 5's data: angles between task vectors, streamed
                     sections["task_vectors"] = task_vector_geometry(readers, base, labels=labels).to_dict()
                 record = staging.finish(
@@ -165,25 +180,29 @@ class SoupBuilder:
         logger.info("soup written to %s", target)
         return Soup(target, record)
 
-    def _decide(self, declared, parameters, located, readers, base, scorer, target: Path, stack) -> Decision:
+    def _decide(
+        self, declared, parameters, located, readers, base, scorer, target: Path, stack, vocabulary=None
+    ) -> Decision:
         """What the soup is written with: the method and its per-tensor parameters, or what a strategy chose on one
         resident model (then `sections` holds its choice and report for `soup.json`)."""
         count = len(located)
         statistics = None
         if getattr(declared, "needs_data", False):
-            statistics = self._statistics(declared, parameters, located, readers, scorer, target.parent, stack)
+            statistics = self._statistics(
+                declared, parameters, located, readers, scorer, target.parent, stack, vocabulary
+            )
         if declared.kind != "strategy":
             weights = declared.mixing(parameters, count) if getattr(declared, "mixing", None) else None
             per = per_tensor(parameters, getattr(declared, "scalar", []), readers[0].names())
             return Decision(declared, per, list(range(count)), weights, {}, statistics)
         storage = target.parent / f"{target.name}{STUDY_SUFFIX}"
-        result, sections = self._choose(declared, parameters, located, readers, base, scorer, storage)
+        result, sections = self._choose(declared, parameters, located, readers, base, scorer, storage, vocabulary)
         coefficients = result.coefficients(count)
         weights = coefficients if not callable(coefficients) else result.record.get("alpha_mean")
         method = get_method(result.method)
         return Decision(method, result.parameters, result.chosen, weights, sections, statistics)
 
-    def _statistics(self, method, parameters, located, readers, scorer, where: Path, stack) -> list[Any]:
+    def _statistics(self, method, parameters, located, readers, scorer, where: Path, stack, vocabulary) -> list[Any]:
         """Run the method's statistics hook with each ingredient in the resident model; spill each ingredient's
         statistics to a temporary safetensors file (one ingredient's worth in memory at a time) and return
         handles that read them back per tensor."""
@@ -191,13 +210,12 @@ class SoupBuilder:
         from safetensors.torch import save_file
 
         recipe = self.recipe
-        processing = saved_processing_class(recipe, recipe.base_model or located[0].folder)
-        scorer = prepare_scorer(recipe, processing, scorer)
+        scorer = self._scorer(located, scorer, vocabulary)
         selection = Selection.of(recipe.evaluation, scorer)
         folder = Path(tempfile.mkdtemp(prefix=".hf_soup-statistics-", dir=where if where.is_dir() else None))
         stack.callback(shutil.rmtree, folder, True)
         handles = []
-        with open_kitchen(recipe, located[0].folder, scorer, selection) as kitchen:
+        with open_kitchen(recipe, located[0].folder, scorer, selection, _overrides(vocabulary)) as kitchen:
             for index, reader in enumerate(readers):
                 kitchen.load((name, reader.get(name)) for name in reader.names())
                 values = method.statistics(kitchen, scorer, selection.split, parameters)
@@ -206,16 +224,15 @@ class SoupBuilder:
         return handles
 
     def _choose(
-        self, strategy, parameters, located, readers, base, scorer, storage: Path
+        self, strategy, parameters, located, readers, base, scorer, storage: Path, vocabulary=None
     ) -> tuple[StrategyResult, dict[str, Any]]:
         """Run a strategy on one resident model; returns its result and the record (choice and report).
 
         `storage` is the file beside the soup where a strategy keeps resumable state (`search`'s study)."""
         recipe = self.recipe
-        processing = saved_processing_class(recipe, recipe.base_model or located[0].folder)
-        scorer = prepare_scorer(recipe, processing, scorer)
+        scorer = self._scorer(located, scorer, vocabulary)
         selection = Selection.of(recipe.evaluation, scorer)
-        with open_kitchen(recipe, located[0].folder, scorer, selection) as kitchen:
+        with open_kitchen(recipe, located[0].folder, scorer, selection, _overrides(vocabulary)) as kitchen:
             ingredients = [ingredient for ingredient, _ in located]
             tasting = Tasting(
                 ingredients,
@@ -236,6 +253,18 @@ class SoupBuilder:
                 compared=selection.compared,
                 storage=storage,
             )
+
+    def _scorer(self, located, scorer, vocabulary) -> Scorer:
+        """The scorer given, or the recipe's, with the soup's tokenizer (the union's, when vocabularies differ)."""
+        recipe = self.recipe
+        if vocabulary is not None:
+            return prepare_scorer(recipe, vocabulary.tokenizer, scorer)
+        return prepare_scorer(recipe, saved_processing_class(recipe, recipe.base_model or located[0].folder), scorer)
+
+
+def _overrides(vocabulary) -> dict[str, Any] | None:
+    """The resident model's config changes: the soup's vocabulary size."""
+    return vocabulary.config_overrides() if vocabulary is not None else None
 
 
 @dataclass

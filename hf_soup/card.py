@@ -141,6 +141,39 @@ def _ingredients(record: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _vocabulary(record: dict[str, Any]) -> list[str]:
+    """How the soup's vocabulary was made when the ingredients' tokenizers differed (`tokenizer:` in the recipe)."""
+    vocabulary = record.get("vocabulary")
+    if not vocabulary:
+        return []
+    mode, reference = vocabulary["tokenizer"], vocabulary.get("reference", "-")
+    source = {"union": f"every token of {reference}, then those the ingredients added", "base": "the base model's"}
+    lines = [
+        "## Vocabulary",
+        "",
+        f"`tokenizer: {mode}`: the soup's tokenizer is {source.get(mode, f'that of {mode}')}: {vocabulary['tokens']} "
+        f"tokens in {vocabulary['rows']} embedding rows ({vocabulary.get('padding_rows', 0)} padding rows, which hold "
+        "no token). A model that lacks a token takes the base's row for it, else the mean of the rows of the "
+        "ingredients that have it; the rows every model holds are merged as one block, the others as another.",
+        "",
+    ]
+    mapping = vocabulary.get("mapping") or []
+    if mapping:
+        lines += ["| token | soup id | id in each model | rows for the models that lack it |", "|---|---:|---|---|"]
+        for entry in mapping[:20]:
+            ids = ", ".join(f"{label} {'-' if i is None else i}" for label, i in entry["ids"].items())
+            filled = ", ".join(entry.get("filled_from", [])) or "-"
+            lines.append(f"| `{_cell(entry['token'])}` | {entry['id']} | {_cell(ids)} | {_cell(filled)} |")
+        if len(mapping) > 20:
+            lines.append(f"| … | | {len(mapping) - 20} more in `soup.json` | |")
+        lines.append("")
+    for label, tokens in (vocabulary.get("dropped") or {}).items():
+        lines += [f"Dropped: {len(tokens)} token(s) of {_cell(label)} ({_cell(', '.join(tokens[:5]))}).", ""]
+    if vocabulary.get("chat_template"):
+        lines += [f"The chat template is {_cell(vocabulary['chat_template'])}'s.", ""]
+    return lines
+
+
 def _strategy(record: dict[str, Any]) -> list[str]:
     strategy = record.get("strategy")
     if not strategy:
@@ -307,6 +340,7 @@ def card_text(
         lines.append("")
     lines += _figures(record, folder, Path(output or folder).absolute())
     lines += ["## Ingredients", "", *_ingredients(record), ""]
+    lines += _vocabulary(record)
     lines += _strategy(record)
     if record.get("notes"):
         lines += ["## Notes", "", *(f"- {note}" for note in record["notes"]), ""]

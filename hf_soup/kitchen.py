@@ -35,6 +35,8 @@ class Kitchen:
         max_memory (`dict`, *optional*): e.g. `{0: "10GiB", "cpu": "30GiB"}`; what does not fit is offloaded to disk.
         offload_folder (`str`, *optional*): where the kitchen makes its own offload folder (default: a temp dir).
         dtype (`torch.dtype`, *optional*, defaults to `torch.float32`): dtype of the resident weights.
+        config_overrides (`dict`, *optional*): config attributes that differ from `folder`'s, e.g. the `vocab_size`
+            of a soup whose vocabulary is the union of the ingredients' (`hf_soup.vocabulary`).
 
     Example:
 
@@ -55,6 +57,7 @@ class Kitchen:
         offload_folder: str | Path | None = None,
         dtype: torch.dtype = torch.float32,
         trust_remote_code: bool = False,
+        config_overrides: Mapping[str, Any] | None = None,
     ):
         from accelerate import dispatch_model, infer_auto_device_map, init_empty_weights
         from accelerate.utils import (
@@ -65,7 +68,7 @@ class Kitchen:
         )
         from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code, **(config_overrides or {}))
         task.check_config(config)
         with init_empty_weights():
             try:

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from .alignment import split_rows
 from .checkpoint import FLOAT_DTYPES, CheckpointReader, TensorInfo
 from .errors import SoupError
 from .methods import Method
@@ -178,6 +179,14 @@ def merge_tensor(
                     "and boolean tensors (buffers, ids) cannot be averaged and must be equal in every ingredient"
                 )
         return value
+    blocks = split_rows(name, readers, base, statistics)
+    if blocks is not None:  # a vocabulary tensor: the rows every model holds, then the others (`hf_soup.alignment`)
+        out = torch.empty(first.info(name).shape)
+        for number, (rows, part, part_base, part_statistics) in enumerate(blocks):
+            out[rows] = merge_tensor(
+                name, part, method, parameters, base=part_base, seed=seed + number, statistics=part_statistics
+            )
+        return out
     tensors = [reader.get(name).float() for reader in readers]
     context: dict[str, Any] = {}
     if "base" in method.context:

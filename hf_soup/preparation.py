@@ -30,8 +30,8 @@ from .pantry import Pantry
 from .recipe import Recipe
 from .scoring import Scorer
 from .tasks import TASKS
+from .tokenization import has_tokenizer, load_tokenizer
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model")
 FEATURE_EXTRACTOR_FILE = "preprocessor_config.json"
 
 
@@ -73,21 +73,8 @@ def saved_tokenizer(*folders: Path | None):
     """The tokenizer saved in the first of `folders` that has one, or `None` when none has. Its JSON files are
     checked before Transformers reads them, and what Transformers still cannot load is a one-line `SoupError`."""
     for folder in folders:
-        if folder is not None and any((Path(folder) / name).is_file() for name in TOKENIZER_FILES):
-            from transformers import AutoTokenizer
-
-            for name in ("tokenizer_config.json", "special_tokens_map.json", "config.json"):
-                read_model_file(Path(folder), name)
-            try:
-                return AutoTokenizer.from_pretrained(folder)
-            except SoupError:
-                raise
-            except (ValueError, TypeError, AttributeError, KeyError, IndexError, OSError) as error:
-                raise SoupError(
-                    f"cannot load the tokenizer saved in {folder} ({type(error).__name__}: {first_line(error)}); "
-                    "check its tokenizer_config.json and special_tokens_map.json, or save the tokenizer again "
-                    "(tokenizer.save_pretrained)"
-                ) from None
+        if folder is not None and has_tokenizer(Path(folder)):
+            return load_tokenizer(Path(folder))
     return None
 
 
@@ -163,9 +150,17 @@ class Selection:
         return cls(first, [split for split in scorer.splits if split != first])
 
 
-def open_kitchen(recipe: Recipe, folder: Path, scorer: Scorer, selection: Selection) -> Kitchen:
-    """The one resident model: the scorer's own (a Trainer's model), or one built from `folder` and placed as the
-    selection says."""
+def open_kitchen(
+    recipe: Recipe, folder: Path, scorer: Scorer, selection: Selection, config_overrides: dict | None = None
+) -> Kitchen:
+    """The one resident model: the scorer's own (a Trainer's model), or one built from `folder` (its config changed
+    by `config_overrides`, e.g. a union vocabulary's size) and placed as the selection says."""
     if scorer.resident is not None:
         return Kitchen.around(scorer.resident)
-    return Kitchen(folder, scorer.task, trust_remote_code=recipe.trust_remote_code, **selection.placement)
+    return Kitchen(
+        folder,
+        scorer.task,
+        trust_remote_code=recipe.trust_remote_code,
+        config_overrides=config_overrides,
+        **selection.placement,
+    )

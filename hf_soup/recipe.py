@@ -25,6 +25,7 @@ from .evaluation import Evaluation
 from .methods import METHODS, get_method
 from .methods.registry import Declaration
 from .strategies import STRATEGIES, get_strategy
+from .tokenization import TokenizerChoice
 
 # key → its meaning (quoted in errors); the method's parameters are accepted beside these.
 RECIPE_KEYS = {
@@ -43,12 +44,13 @@ RECIPE_KEYS = {
     "evaluation": "data, metric and splits that strategies (greedy, learned) score on",
     "adapter_output": "for LoRA adapter ingredients: concat (exact, default), svd (with rank), merged, naive",
     "rank": "rank of the SVD-compressed adapter (adapter_output: svd)",
+    "tokenizer": "the soup's vocabulary when tokenizers differ: union, base or an ingredient id (default: refused)",
 }
 ADAPTER_OUTPUTS = ("concat", "svd", "merged", "naive")
 
 
 SEEDS = 2**32  # seeds are 0 ≤ seed < 2**32: what every generator a method or strategy may use accepts (numpy's too)
-KIND_NAMES = {str: "a string", int: "an integer", list: "a list", bool: "true or false"}
+KIND_NAMES = {str: "a string", int: "an integer", list: "a list", bool: "true or false", dict: "a mapping"}
 # key → the type its value must have (checked once for every key; `evaluation` is checked by `Evaluation`)
 KINDS = {
     "ingredients": list,
@@ -62,6 +64,7 @@ KINDS = {
     "trust_remote_code": bool,
     "adapter_output": str,
     "rank": int,
+    "tokenizer": (str, dict),
 }
 
 
@@ -97,6 +100,7 @@ class Recipe:
     evaluation: Evaluation | None = None
     adapter_output: str | None = None
     rank: int | None = None
+    tokenizer: TokenizerChoice | None = None
     source: str = "<python>"
     raw: dict[str, Any] = field(default_factory=dict)
 
@@ -143,6 +147,7 @@ class Recipe:
             evaluation=evaluation,
             adapter_output=given["adapter_output"],
             rank=given["rank"],
+            tokenizer=TokenizerChoice.parse(given["tokenizer"], source),
             source=source,
             raw=dict(data),
         )
@@ -223,14 +228,14 @@ def _check_needs(method: Declaration, recipe: Recipe) -> None:
         )
 
 
-def _typed(data: Mapping[str, Any], key: str, kind: type, source: str) -> Any:
+def _typed(data: Mapping[str, Any], key: str, kind: type | tuple[type, ...], source: str) -> Any:
     value = data.get(key)
     if value is None:
         return None
     if kind is int and isinstance(value, bool) or not isinstance(value, kind):
+        names = " or ".join(KIND_NAMES[k] for k in (kind if isinstance(kind, tuple) else (kind,)))
         raise SoupError(
-            f"{source}: `{key}` must be {KIND_NAMES[kind]}, got {type(value).__name__} {brief(value)} "
-            f"({RECIPE_KEYS[key]})"
+            f"{source}: `{key}` must be {names}, got {type(value).__name__} {brief(value)} ({RECIPE_KEYS[key]})"
         )
     return value
 

@@ -4,7 +4,7 @@ A soup folder is an ordinary `from_pretrained` (or peft) folder plus `soup.json`
 their sha256 and weights, what the method decided and, for strategies, the choice (`strategy`) and the comparison
 (`report`). `SoupRecord` is its typed form, versioned by `format`; on reading, the format and the type of every field
 hf_soup uses are checked, so the card, the figures, the hub and the CLI can rely on them. Sections that only some
-soups have (`strategy`, `report`, `task_vectors`, `adapters`, ...) travel in `sections`.
+soups have (`strategy`, `report`, `task_vectors`, `adapters`, `vocabulary`, ...) travel in `sections`.
 
 Example:
 
@@ -177,6 +177,30 @@ TASK_VECTORS = shape(
         "tensors": shape("integer"),
     },
 )
+INTEGER = shape("integer")
+VOCABULARY = shape(
+    "object",
+    "null",
+    required=("tokenizer", "tokens", "rows"),
+    fields={
+        "tokenizer": STRING,
+        "reference": STRING,
+        "tokens": INTEGER,
+        "rows": INTEGER,
+        "padding_rows": INTEGER,
+        "pad_to_multiple_of": shape("integer", "null"),
+        "mapping": shape(
+            "list",
+            each=shape(
+                "object",
+                required=("token", "id", "ids"),
+                fields={"token": STRING, "id": INTEGER, "ids": shape("object"), "filled_from": STRINGS},
+            ),
+        ),
+        "dropped": shape("object", each=STRINGS),
+        "chat_template": OPTIONAL_STRING,
+    },
+)
 RECIPE = shape(
     "object",
     fields={"evaluation": shape("object", "null", fields={"task": OPTIONAL_STRING, "dataset": ANY, "splits": ANY})},
@@ -200,6 +224,7 @@ RECORD = shape(
         "strategy": STRATEGY,
         "report": REPORT,
         "task_vectors": TASK_VECTORS,
+        "vocabulary": VOCABULARY,
     },
 )
 VERSIONED = shape("object", required=("format",), fields={"format": shape("integer")})

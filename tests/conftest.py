@@ -177,6 +177,27 @@ def edit_config(folder: Path, **changes) -> Path:
     return folder
 
 
+def word_tokenizer(added=(), *, template=None, words=58, swap=False):
+    """A tiny fast tokenizer built in memory: `<unk>`, `<s>`, `</s>` and `words` words `w0`, `w1`, ... (61 ids by
+    default: a 64-row embedding has 3 padding rows), then the special tokens `added` and a chat `template`.
+    `swap` exchanges the ids of `w0` and `w1` (another tokenizer of the same words)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    names = [f"w{i}" for i in range(words)]
+    if swap:
+        names[0], names[1] = names[1], names[0]
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{name: i + 3 for i, name in enumerate(names)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    if added:
+        tokenizer.add_special_tokens({"extra_special_tokens": list(added)})
+    if template is not None:
+        tokenizer.chat_template = template
+    return tokenizer
+
+
 class Payload:
     """A pickle that makes the folder `path` when it is unpickled (the stand-in for any code a pickle can run)."""
 

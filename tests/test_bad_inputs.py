@@ -18,7 +18,16 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import Payload, edit_config, edit_weights, make_model, make_split, save_model, state_dict_of
+from conftest import (
+    Payload,
+    edit_config,
+    edit_weights,
+    make_model,
+    make_split,
+    save_model,
+    state_dict_of,
+    word_tokenizer,
+)
 from safetensors.torch import load_file, save_file
 
 from hf_soup import Pantry, SoupBuilder
@@ -93,6 +102,11 @@ class Bench:
         }
         (folder / "adapter_config.json").write_text(json.dumps(config))
         return name
+
+    def tokenizer(self, folder: str, *added: str, **options) -> str:
+        """Save a tiny word tokenizer (`conftest.word_tokenizer`) into a case folder; returns the folder's name."""
+        word_tokenizer(added, **options).save_pretrained(self.root / folder)
+        return folder
 
     def shard(self, folder: str, number: int) -> Path:
         return sorted((self.root / folder).glob("model-*.safetensors"))[number]
@@ -245,6 +259,89 @@ def different_architectures(b: Bench):
 @case("ingredient vocab128: tensor lm_head.weight has shape [128, 32]", "run0 has [64, 32]", "vocab size")
 def different_vocab_sizes(b: Bench):
     return recipe(b.take("run0"), b.take("vocab128"))
+
+
+# -- vocabularies (tokenizer:) -------------------------------------------------------------------------------------
+
+CHAT = ("<|im_start|>", "<|im_end|>")
+
+
+@case("the tokenizers differ: run1 has 2 token(s) run0 lacks ('<|im_start|>', '<|im_end|>')", "tokenizer: union")
+def tokenizers_differ_without_a_choice(b: Bench):
+    return recipe(b.tokenizer(b.take("run0")), b.tokenizer(b.take("run1"), *CHAT))
+
+
+@case("tokenizer: union: run1 has 'w1' at id 3 where run0 has 'w0'", "must mean the same token", "cannot be merged")
+def union_of_tokenizers_that_disagree_on_an_id(b: Bench):
+    return recipe(b.tokenizer(b.take("run0")), b.tokenizer(b.take("run1"), swap=True), tokenizer="union")
+
+
+@case("tokenizer: union: run0 has 'w0' at id 3 where base_model has 'w1'", "must mean the same token")
+def union_with_a_base_of_another_tokenizer(b: Bench):
+    b.tokenizer(b.take("base"), swap=True)
+    return recipe(
+        b.tokenizer(b.take("run0")), b.tokenizer(b.take("run1"), *CHAT), tokenizer="union", base_model="base"
+    )
+
+
+@case("ingredient run1: cannot load the tokenizer saved in", "data did not match", "save the tokenizer again")
+def union_with_a_tokenizer_that_fails_to_load(b: Bench):
+    path = b.root / b.tokenizer(b.take("run1"), *CHAT) / "tokenizer.json"
+    data = json.loads(path.read_text())
+    data["model"]["type"] = "Unknown"  # written by another version, or damaged
+    write_json(path, data)
+    return recipe(b.tokenizer(b.take("run0")), "run1", tokenizer="union")
+
+
+@case("tokenizer: union: the chat templates differ (run0 have one; run1 have one)", "chat_template: <ingredient id")
+def union_with_differing_chat_templates(b: Bench):
+    run0 = b.tokenizer(b.take("run0"), template="{{ messages[0]['content'] }}")
+    return recipe(run0, b.tokenizer(b.take("run1"), *CHAT, template="<|im_start|>"), tokenizer="union")
+
+
+@case("tokenizer: union: run1 has no tokenizer files", "tokenizer.save_pretrained")
+def union_with_an_ingredient_without_tokenizer(b: Bench):
+    return recipe(b.tokenizer(b.take("run0")), b.take("run1"), tokenizer="union")
+
+
+@case("tokenizer: 'unoin' is not union, base or an ingredient id (run0, run1) (did you mean 'union'?)")
+def tokenizer_choice_misspelt(b: Bench):
+    return recipe(b.tokenizer(b.take("run0")), b.tokenizer(b.take("run1"), *CHAT), tokenizer="unoin")
+
+
+@case("tokenizer: 'base' is not available", "add `base_model:`")
+def tokenizer_base_without_base_model(b: Bench):
+    return recipe(b.tokenizer(b.take("run0")), b.tokenizer(b.take("run1"), *CHAT), tokenizer="base")
+
+
+@case("tokenizer: rows: 'w5' is held by every model: there is no row to fill")
+def tokenizer_rows_for_a_token_every_model_holds(b: Bench):
+    folders = b.tokenizer(b.take("run0")), b.tokenizer(b.take("run1"), *CHAT)
+    return recipe(*folders, tokenizer={"vocabulary": "union", "rows": {"w5": "mean"}})
+
+
+@case(
+    "tokenizer: rows: '<|im_start|>': 'run0' has no row for it", "choose mean or one of the models that have one: run1"
+)
+def tokenizer_rows_from_a_model_that_lacks_the_token(b: Bench):
+    folders = b.tokenizer(b.take("run0")), b.tokenizer(b.take("run1"), *CHAT)
+    return recipe(*folders, tokenizer={"vocabulary": "union", "rows": {"<|im_start|>": "run0"}})
+
+
+@case("`tokenizer` must be a string or a mapping, got list ['union']")
+def tokenizer_not_a_choice(b: Bench):
+    return recipe(b.take("run0"), b.take("run1"), tokenizer=["union"])
+
+
+@case("tokenizer: unknown key 'chat'", "keys: vocabulary (base, union or an ingredient id), chat_template")
+def tokenizer_mapping_with_an_unknown_key(b: Bench):
+    return recipe(b.take("run0"), b.take("run1"), tokenizer={"vocabulary": "union", "chat": "run1"})
+
+
+@case("`tokenizer:` merges the vocabularies of full models", "remove `tokenizer:`")
+def tokenizer_choice_for_adapters(b: Bench):
+    b.take("base")
+    return recipe(b.lora("lora0", "base", 0), b.lora("lora1", "base", 1), tokenizer="union")
 
 
 @case("ingredient run1: non-floating tensor step differs from run0", "must be equal in every ingredient")
