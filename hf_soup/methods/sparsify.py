@@ -18,6 +18,18 @@ def task_vectors(tensors: Sequence[torch.Tensor], base: torch.Tensor) -> list[to
     return [tensor - base for tensor in tensors]
 
 
+def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest entry of a 1-D tensor, the same value on every device (with NaN in it: NaN, or a value
+    that every NaN is counted above).
+
+    The CPU selects it with `kthvalue` (one linear pass; `topk` sorts partially and is slower for large k); CUDA's
+    `kthvalue` runs one thread block per row, so there `topk`, which spreads a large row over many, selects it.
+    """
+    if values.is_cuda:
+        return values.topk(k, sorted=False).values.min()
+    return values.kthvalue(values.numel() - k + 1).values
+
+
 def keep_largest(tau: torch.Tensor, density: float) -> torch.Tensor:
     """Zero all but the k = max(1, ⌊density · n⌋) entries of largest magnitude (exactly k, as in TIES and mergekit).
 
@@ -32,7 +44,7 @@ def keep_largest(tau: torch.Tensor, density: float) -> torch.Tensor:
     keep = max(1, int(density * tau.numel()))
     flat = tau.flatten()
     magnitude = flat.abs()
-    threshold = magnitude.kthvalue(flat.numel() - keep + 1).values  # the k-th largest magnitude
+    threshold = kth_largest(magnitude, keep)
     kept = torch.le(magnitude, threshold).logical_not_()
     short = keep - int(kept.count_nonzero())
     if short > 0:  # ties at the threshold: the lowest indices
