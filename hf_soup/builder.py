@@ -20,7 +20,7 @@ from .compat import check_configs
 from .errors import SoupError
 from .inspection import task_vector_geometry
 from .jsonfile import read_model_file
-from .merge import Parameters, Plan, plan_soup, stream_merge
+from .merge import Parameters, Plan, device_record, merge_device, plan_soup, stream_merge
 from .methods import Method, get_method
 from .preparation import Located, Selection, locate, open_kitchen, prepare_scorer, saved_processing_class
 from .recipe import Recipe, load_recipe, lookup
@@ -117,6 +117,10 @@ class SoupBuilder:
             return cook_adapters(recipe, located, target, overwrite=overwrite, progress=progress, scorer=scorer)
         declared = lookup(recipe.method)
         parameters = declared.bind(recipe.parameters, len(located), source=recipe.source)
+        try:
+            device = merge_device(recipe.device)
+        except SoupError as error:
+            raise SoupError(f"{recipe.source}: {error}") from None
         labels = [ingredient.id for ingredient, _ in located]
         folders = [folder for _, folder in located]
         check_configs(
@@ -161,6 +165,7 @@ class SoupBuilder:
                     seed=recipe.seed,
                     progress=progress,
                     statistics=decision.statistics,
+                    device=device,
                 )
                 files = writer.close()
                 source = folders[parameters["rest"]] if rearranged else folders[0]
@@ -168,7 +173,7 @@ class SoupBuilder:
                 if getattr(declared, "configure", None) is not None and (staging.folder / "config.json").is_file():
                     config = declared.configure(read_model_file(staging.folder, "config.json"), parameters)
                     (staging.folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-                sections = dict(decision.sections)
+                sections = {**decision.sections, "device": device_record(recipe.device, device)}
                 if vocabulary is not None:  # its tokenizer, config.json's vocab_size, and the mapping in soup.json
                     vocabulary.write(staging.folder)
                     sections["vocabulary"] = vocabulary.record

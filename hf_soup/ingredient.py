@@ -11,7 +11,7 @@ import functools
 import hashlib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,12 +51,35 @@ def detect_kind(folder: str | os.PathLike) -> str:
     return "adapter" if (Path(folder) / "adapter_config.json").is_file() else "full"
 
 
+def folder_labels(folders: Sequence[str | os.PathLike], *, reserved: Iterable[str] = ()) -> list[str]:
+    """One label per folder that names it unambiguously: its name, lengthened by its parent folders only as far as
+    needed to tell it from the other folders (`a/ft_00` and `b/ft_00`) and from the `reserved` labels (`base_model`).
+
+    The one labelling rule for folders given by path: ingredient ids of a recipe's `ingredients:`, `hf-soup inspect`.
+    A folder that no suffix tells apart (`/ft` beside `/a/ft`) is labelled by its absolute path.
+    """
+    reserved = set(reserved)
+    paths = [Path(folder).absolute() for folder in folders]
+    labels = []
+    for path in paths:
+        others = [other.parts for other in paths if other != path]  # a folder listed twice keeps one label
+        label = str(path)
+        for depth in range(1, len(path.parts)):
+            suffix = path.parts[-depth:]
+            if "/".join(suffix) not in reserved and all(other[-depth:] != suffix for other in others):
+                label = "/".join(suffix)
+                break
+        labels.append(label)
+    return labels
+
+
 @dataclass
 class Ingredient:
     """One fine-tuned checkpoint and what is known about it.
 
     Args:
-        id (`str`): unique within its pantry (for a loose folder: the folder name).
+        id (`str`): unique within its pantry (for a loose folder: the folder name, with as many of its parent folders
+            as tell it from the recipe's other folders, see `folder_labels`).
         path (`str`): folder relative to the pantry root (absolute for a loose folder).
         kind (`str`): `"full"` (Transformers model folder) or `"adapter"` (peft adapter folder).
         sha256 (`dict[str, str]`): weight file name → hex sha256.
@@ -127,10 +150,12 @@ class Ingredient:
         return cls(**values)
 
     @classmethod
-    def from_folder(cls, folder: str | os.PathLike) -> Ingredient:
-        """A loose ingredient (not in a pantry): a model or adapter folder given by path."""
+    def from_folder(cls, folder: str | os.PathLike, *, ingredient_id: str | None = None) -> Ingredient:
+        """A loose ingredient (not in a pantry): a model or adapter folder given by path, its id `ingredient_id` (by
+        default the folder's name; `folder_labels` gives ids that tell same-named folders apart)."""
         folder = Path(folder).absolute()
-        return cls(id=folder.name, path=str(folder), kind=detect_kind(folder), config_hash=config_hash(folder))
+        kind, digest = detect_kind(folder), config_hash(folder)
+        return cls(id=ingredient_id or folder.name, path=str(folder), kind=kind, config_hash=digest)
 
 
 @functools.cache

@@ -31,7 +31,7 @@ import torch
 from .checkpoint import FLOAT_DTYPES, CheckpointReader
 from .compat import check_configs
 from .errors import SoupError
-from .ingredient import config_hash, detect_kind
+from .ingredient import config_hash, detect_kind, folder_labels
 from .jsonfile import check_model_files, read_model_file
 from .merge import plan_soup
 
@@ -262,7 +262,8 @@ def inspect_ingredients(
         folders (`list` of paths): model (or adapter) folders.
         base (`str`, *optional*): the model they were fine-tuned from; task vectors are taken against it (else
             against the ingredients' mean).
-        labels (`list[str]`, *optional*): names to show (defaults to the folder names).
+        labels (`list[str]`, *optional*): names to show (defaults to the folder names, lengthened by their parent
+            folders where two share a name: `folder_labels`).
         min_weight_cosine (`float`, *optional*, defaults to 0.2): below this median cosine of two ingredients' weight
             matrices, they are reported as not sharing a base.
         allow_pickle (`bool`, *optional*, defaults to `False`): read `pytorch_model.bin` weights.
@@ -270,8 +271,10 @@ def inspect_ingredients(
     paths = [Path(folder) for folder in folders]
     if not paths:
         raise SoupError("inspect needs at least one ingredient folder")
-    labels = list(labels) if labels is not None else [path.name for path in paths]
     base_path = Path(base) if base is not None else None
+    if labels is None:
+        labels = folder_labels(paths, reserved=["base"] if base_path is not None else [])
+    labels = list(labels)
     for path, label in [*zip(paths, labels), *([(base_path, "base")] if base_path is not None else [])]:
         if path.is_dir():  # a wrong-shaped JSON file is an error, not an incompatibility to report
             check_model_files(path, label=f"ingredient {label}: " if label != "base" else "base: ")

@@ -1,8 +1,10 @@
 """The streaming merge engine: for each tensor name, read it from every ingredient, apply the method, write it.
 
 The engine owns what methods must not care about: I/O, dtypes (inputs to fp32, output in the planned dtype),
-non-floating tensors (copied, checked equal), finiteness, seeds and progress. Peak memory is about
-(k + 3) × the largest tensor: k inputs, the output, its cast, and one tensor being written by the writer thread.
+non-floating tensors (copied, checked equal), finiteness, seeds, the device the method runs on and progress. Peak
+memory is about (k + 3) × the largest tensor: k inputs, the output, its cast, and one tensor being written by the
+writer thread. With `device: cuda` tensors are still read and written on the CPU: each input is moved to the GPU as
+it is read and the output comes back once cast, so the same bound holds on the GPU, and the CPU holds less.
 Before anything is written, `plan_soup` checks names, shapes and dtypes across the ingredients (headers only) and
 decides each output tensor's dtype.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import re
 import threading
 import zlib
 from collections.abc import Callable, Mapping, Sequence
@@ -112,6 +115,60 @@ def _few(names: list[str]) -> str:
     return f"{shown} (+{len(names) - 3} more)" if len(names) > 3 else shown
 
 
+DEVICES = "auto, cpu, cuda or cuda:N"  # what a recipe's `device:` may say
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def check_device(asked: str) -> str:
+    """`asked` if it is a device a recipe may name (`DEVICES`), else a `SoupError`; nothing is probed."""
+    if not isinstance(asked, str) or not _DEVICE.fullmatch(asked):
+        raise SoupError(f"device {asked!r} is unknown; choose {DEVICES} (the device the merge math runs on)")
+    return asked
+
+
+def merge_device(asked: str | None) -> torch.device:
+    """The device the merge math runs on: the CPU when nothing is asked, `auto` = the GPU when torch sees one.
+
+    `cuda` (or `cuda:N`) where torch sees no such GPU is a `SoupError` that says what to do instead.
+    """
+    if asked is None:
+        return torch.device("cpu")
+    check_device(asked)
+    if asked == "auto":
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    if asked == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise SoupError(
+            f"device: {asked}, but torch sees no CUDA GPU (torch {torch.__version__}, {build}); run on a machine with "
+            "an NVIDIA GPU and a CUDA build of torch, or set device: auto (the GPU when there is one, else the CPU) "
+            "or device: cpu"
+        )
+    device = torch.device(asked)
+    index = torch.cuda.current_device() if device.index is None else device.index
+    if index >= torch.cuda.device_count():
+        raise SoupError(
+            f"device: {asked}, but torch sees {torch.cuda.device_count()} GPU(s) (cuda:0 to "
+            f"cuda:{torch.cuda.device_count() - 1}); name one of them, or set device: cuda"
+        )
+    return torch.device("cuda", index)
+
+
+def device_record(asked: str | None, used: torch.device) -> dict[str, Any]:
+    """What `soup.json` records of the device: what the recipe asked, what was used, and the GPU's name."""
+    record: dict[str, Any] = {"asked": asked, "used": str(used)}
+    if used.type == "cuda":
+        record["name"] = torch.cuda.get_device_name(used)
+    return record
+
+
+def _fp32(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`tensor` (read on the CPU) as fp32 on `device`: moved in its own dtype (fewer bytes to copy), then cast. On the
+    CPU both steps are no-ops for an fp32 tensor: no copy is made."""
+    return tensor.to(device).float()
+
+
 def tensor_generator(seed: int, name: str) -> torch.Generator:
     """A generator seeded by `seed` and the tensor name: the same soup whatever the order of tensors."""
     return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
@@ -164,10 +221,13 @@ def merge_tensor(
     base: CheckpointReader | None = None,
     seed: int = 0,
     statistics: Sequence[Any] | None = None,
+    device: torch.device | None = None,
 ) -> torch.Tensor:
     """Merge one tensor name across ingredients; returns fp32 for floating tensors, the shared value otherwise.
 
     `parameters` is the method's parameters, or a function of the tensor name giving them (per-layer values).
+    Floating tensors are merged on `device` (default: the CPU) and returned there; random draws stay on the CPU
+    (`tensor_generator`), so a seed gives the same soup on every device. Non-floating tensors stay on the CPU.
     """
     first = readers[0]
     if first.info(name).dtype not in FLOAT_DTYPES:
@@ -179,23 +239,31 @@ def merge_tensor(
                     "and boolean tensors (buffers, ids) cannot be averaged and must be equal in every ingredient"
                 )
         return value
+    device = device or torch.device("cpu")
     blocks = split_rows(name, readers, base, statistics)
     if blocks is not None:  # a vocabulary tensor: the rows every model holds, then the others (`hf_soup.alignment`)
-        out = torch.empty(first.info(name).shape)
+        out = torch.empty(first.info(name).shape, device=device)
         for number, (rows, part, part_base, part_statistics) in enumerate(blocks):
             out[rows] = merge_tensor(
-                name, part, method, parameters, base=part_base, seed=seed + number, statistics=part_statistics
+                name,
+                part,
+                method,
+                parameters,
+                base=part_base,
+                seed=seed + number,
+                statistics=part_statistics,
+                device=device,
             )
         return out
-    tensors = [reader.get(name).float() for reader in readers]
+    tensors = [_fp32(reader.get(name), device) for reader in readers]
     context: dict[str, Any] = {}
     if "base" in method.context:
-        context["base"] = base.get(name).float()
+        context["base"] = _fp32(base.get(name), device)
     if "generator" in method.context:
         context["generator"] = tensor_generator(seed, name)
     if "statistics" in method.context:
         context["statistics"] = [
-            handle.get_tensor(name).float() if name in handle.keys() else None for handle in statistics
+            _fp32(handle.get_tensor(name), device) if name in handle.keys() else None for handle in statistics
         ]
     values = parameters(name) if callable(parameters) else parameters
     out = method.function(tensors, **values, **context)
@@ -220,8 +288,10 @@ def stream_merge(
     seed: int = 0,
     progress: bool = True,
     statistics: Sequence[Any] | None = None,
+    device: torch.device | None = None,
 ) -> None:
-    """Merge every planned tensor and hand it to `writer` (in plan order), writing on a background thread."""
+    """Merge every planned tensor on `device` (default: the CPU) and hand it to `writer` (in plan order), back on
+    the CPU, writing on a background thread."""
     from tqdm.auto import tqdm
 
     total = sum(info.nbytes for info in plan.infos)
@@ -229,8 +299,10 @@ def stream_merge(
     try:
         with tqdm(total=total, unit="B", unit_scale=True, desc=f"cooking {method.name}", disable=not progress) as bar:
             for info in plan.infos:
-                out = merge_tensor(info.name, readers, method, parameters, base=base, seed=seed, statistics=statistics)
-                background.put(info.name, out.to(info.dtype))
+                out = merge_tensor(
+                    info.name, readers, method, parameters, base=base, seed=seed, statistics=statistics, device=device
+                )
+                background.put(info.name, out.to(info.dtype).cpu())
                 bar.update(info.nbytes)
     finally:
         background.finish()

@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 
 from .errors import SoupError, first_line
 from .evaluation import COMPARED_BY_DEFAULT, Evaluation
-from .ingredient import Ingredient
+from .ingredient import Ingredient, folder_labels
 from .jsonfile import read_model_file
 from .kitchen import Kitchen
 from .pantry import Pantry
@@ -44,7 +44,7 @@ class Located(NamedTuple):
 
 def locate(recipe: Recipe) -> list[Located]:
     """The recipe's ingredients with their folders, in recipe order (pantry order for a whole pantry); an
-    ingredient listed twice is refused."""
+    ingredient listed twice is refused. Folders given by path get ids that tell them apart (`folder_labels`)."""
     if recipe.pantry is not None:
         if not (recipe.pantry / "pantry.json").is_file():
             raise SoupError(f"{recipe.pantry} is not a pantry (no pantry.json); give the folder SoupCallback wrote")
@@ -53,10 +53,11 @@ def locate(recipe: Recipe) -> list[Located]:
         found = [Located(ingredient, pantry.location(ingredient)) for ingredient in chosen]
     else:
         found = []
-        for folder in recipe.ingredients:
+        reserved = ["base_model"] if recipe.base_model is not None else []
+        for folder, label in zip(recipe.ingredients, folder_labels(recipe.ingredients, reserved=reserved)):
             if not folder.is_dir():
                 raise SoupError(f"ingredient {folder} does not exist or is not a folder; check the path")
-            found.append(Located(Ingredient.from_folder(folder), folder))
+            found.append(Located(Ingredient.from_folder(folder, ingredient_id=label), folder))
     seen: set[Path] = set()
     for ingredient, folder in found:
         real = folder.resolve()

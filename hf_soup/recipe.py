@@ -22,6 +22,7 @@ from typing import Any
 from .checkpoint import parse_dtype, parse_size
 from .errors import SoupError, brief, did_you_mean, first_line
 from .evaluation import Evaluation
+from .merge import check_device
 from .methods import METHODS, get_method
 from .methods.registry import Declaration
 from .strategies import STRATEGIES, get_strategy
@@ -38,6 +39,7 @@ RECIPE_KEYS = {
     "output": "folder to write the soup to (the CLI's --output wins)",
     "max_shard_size": "largest weight file, e.g. '5GB' (default 5GB)",
     "seed": "seed of the methods that draw random numbers (default 0)",
+    "device": "where the merge math runs: cpu (default), cuda, cuda:N, or auto (the GPU when torch sees one)",
     "allow_pickle": "read pickle (.bin) ingredients with torch.load(weights_only=True) (default false)",
     "trust_remote_code": "accept custom code: auto_map in config or tokenizer, evaluate metrics from the Hub (default "
     "false)",
@@ -60,6 +62,7 @@ KINDS = {
     "dtype": str,
     "output": str,
     "seed": int,
+    "device": str,
     "allow_pickle": bool,
     "trust_remote_code": bool,
     "adapter_output": str,
@@ -95,6 +98,7 @@ class Recipe:
     output: Path | None = None
     max_shard_size: int | str = "5GB"
     seed: int = 0
+    device: str | None = None
     allow_pickle: bool = False
     trust_remote_code: bool = False
     evaluation: Evaluation | None = None
@@ -142,6 +146,7 @@ class Recipe:
             output=path_of("output"),
             max_shard_size="5GB" if data.get("max_shard_size") is None else data["max_shard_size"],
             seed=given["seed"] or 0,
+            device=given["device"],
             allow_pickle=bool(given["allow_pickle"]),
             trust_remote_code=trust_remote_code,
             evaluation=evaluation,
@@ -191,7 +196,7 @@ def _check_contents(given: dict[str, Any], source: str) -> None:
 
 
 def _check_output_format(given: dict[str, Any], data: Mapping[str, Any], source: str) -> None:
-    """dtype, shard size, seed and the adapter output: values each key can take."""
+    """dtype, shard size, device, seed and the adapter output: values each key can take."""
     if given["dtype"] is not None:
         _parsed(parse_dtype, given["dtype"], "dtype", source)
     max_shard_size = data.get("max_shard_size")
@@ -201,6 +206,8 @@ def _check_output_format(given: dict[str, Any], data: Mapping[str, Any], source:
                 f"{source}: `max_shard_size` must be bytes or a size like '5GB', got {brief(max_shard_size)}"
             )
         _parsed(parse_size, max_shard_size, "max_shard_size", source)
+    if given["device"] is not None:
+        _parsed(check_device, given["device"], "device", source)
     seed = given["seed"]
     if seed is not None and not 0 <= seed < SEEDS:
         raise SoupError(f"{source}: `seed` must be an integer from 0 to {SEEDS - 1}, got {seed}")

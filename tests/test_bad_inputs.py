@@ -256,6 +256,11 @@ def different_architectures(b: Bench):
     return recipe(b.take("run0"), b.take("bert0"))
 
 
+@case("ingredient b/ft_00 has model_type 'bert' but a/ft_00 has 'llama'", "one architecture")
+def different_architectures_in_same_named_folders(b: Bench):
+    return recipe(b.take("run0", "a/ft_00"), b.take("bert0", "b/ft_00"))
+
+
 @case("ingredient vocab128: tensor lm_head.weight has shape [128, 32]", "run0 has [64, 32]", "vocab size")
 def different_vocab_sizes(b: Bench):
     return recipe(b.take("run0"), b.take("vocab128"))
@@ -575,6 +580,29 @@ def seed_a_string(b: Bench):
 @case("recipe.yaml", "`seed` must be an integer from 0 to", "got -1")
 def seed_negative(b: Bench):
     return recipe(b.take("run0"), seed=-1)
+
+
+@case("recipe.yaml", "`device`: device 'gpu' is unknown", "choose auto, cpu, cuda or cuda:N")
+def device_unknown(b: Bench):
+    return recipe(b.take("run0"), device="gpu")
+
+
+@case("recipe.yaml", "`device` must be a string", "got int 0")
+def device_a_number(b: Bench):
+    return recipe(b.take("run0"), device=0)
+
+
+if not torch.cuda.is_available():  # where torch sees a GPU, `cuda` is honoured
+
+    @case("recipe.yaml", "device: cuda, but torch sees no CUDA GPU", "set device: auto", "or device: cpu")
+    def device_cuda_without_a_gpu(b: Bench):
+        return recipe(b.take("run0"), b.take("run1"), device="cuda")
+
+
+@case("recipe.yaml", "device: cuda runs the merge math of full-model soups", "LoRA", "set device: auto")
+def device_cuda_for_adapters(b: Bench):
+    b.take("base")
+    return recipe(b.lora("lora0", "base", 0), b.lora("lora1", "base", 1), device="cuda")
 
 
 @case("recipe.yaml", "`allow_pickle` must be true or false", "got str 'yes please'")

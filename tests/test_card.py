@@ -90,6 +90,30 @@ def test_card_numbers_are_rounded_for_people_and_soup_json_keeps_them_exact(gree
     assert any(len(repr(value)) > 8 for value in exact.values())  # the exact scores are float32 sums: long
 
 
+def test_same_named_folders_get_distinct_names_in_soup_json_trace_and_card(trained, tmp_path):
+    """Runs saved as a/ft_00, b/ft_00, c/ft_00: each keeps its own name (the shortest path suffix that tells them
+    apart) in soup.json, the greedy trace and the card, and the card gives each its own decision."""
+    from conftest import perturbed
+
+    splits = {"validation": make_split(48, 10), "test": make_split(48, 11)}
+    scales = {"a": 0.005, "b": 0.005, "c": 1.0}  # c is a broken run: greedy leaves it out
+    folders = [perturbed(trained, tmp_path / n / "ft_00", seed, s) for seed, (n, s) in enumerate(scales.items())]
+    evaluation = {"splits": splits, "selection_split": "validation", "report_splits": ["test"]}
+    soup = SoupBuilder(folders, method="greedy", evaluation=evaluation).cook(tmp_path / "soup", progress=False)
+    record = json.loads((soup.path / "soup.json").read_text())
+    names = ["a/ft_00", "b/ft_00", "c/ft_00"]
+    assert [i["id"] for i in record["ingredients"]] == names
+    assert sorted(step["id"] for step in record["strategy"]["trace"]) == names
+    assert sorted(record["report"]["individuals"]) == names
+    decisions = {step["id"]: step["accepted"] for step in record["strategy"]["trace"]}
+    assert not decisions["c/ft_00"] and decisions["a/ft_00"] != decisions["c/ft_00"]  # the noisy run is left out
+    body = (soup.path / "README.md").read_text()
+    for name in names:
+        decision = "accepted" if decisions[name] else "rejected"
+        assert sum(line.startswith(f"| {name} | - | - | - | {decision} |") for line in body.splitlines()) == 1
+    assert "| ft_00 |" not in body
+
+
 def test_card_of_a_recipe_names_the_command_and_base_model(tmp_path, make_ingredients):
     from huggingface_hub import ModelCard
 

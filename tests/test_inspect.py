@@ -79,6 +79,21 @@ def test_incompatible_ingredients_are_reported(tmp_path, make_ingredients, capsy
     assert main(["inspect", str(tmp_path / "missing")]) == 2
 
 
+def test_same_named_folders_are_told_apart(tmp_path):
+    from hf_soup.ingredient import folder_labels
+
+    llama = save_model(make_model("llama", 0), tmp_path / "a" / "ft_00")
+    wide = save_model(make_model("llama", 1, intermediate_size=96), tmp_path / "b" / "ft_00")
+    report = inspect_ingredients([llama, wide])
+    assert report.labels == ["a/ft_00", "b/ft_00"] and report.geometry.labels == ["a/ft_00", "b/ft_00"]
+    assert not report.compatible and "ingredient b/ft_00" in report.problems[0] and "a/ft_00" in report.problems[0]
+    # the one rule: the shortest suffix of the path that no other folder (nor a reserved label) shares
+    assert folder_labels(["/x/a/run/ft", "/x/b/run/ft", "/y/c/ft", "/y/d"]) == ["a/run/ft", "b/run/ft", "c/ft", "d"]
+    assert folder_labels(["/ft", "/a/ft"]) == ["/ft", "a/ft"]  # no suffix of /ft tells it apart: its whole path
+    assert folder_labels(["/x/base", "/y/run"], reserved=["base"]) == ["x/base", "run"]
+    assert folder_labels(["/x/ft", "/x/ft", "/y/ft"]) == ["x/ft", "x/ft", "y/ft"]  # listed twice: refused elsewhere
+
+
 def test_geometry_streams_one_tensor_per_ingredient_at_a_time(make_ingredients, monkeypatch):
     from hf_soup.inspection import task_vector_geometry
 

@@ -7,10 +7,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .. import comparison
 from ..checkpoint import CheckpointReader, parse_dtype
 from ..compat import check_configs
 from ..errors import SoupError
+from ..merge import device_record
 from ..methods.registry import Declaration
 from ..preparation import Located, Selection, prepare_scorer, saved_processing_class
 from ..recipe import Recipe, lookup
@@ -100,6 +103,7 @@ def cook_adapters(
                 files=files,
                 base_model=base_name,
                 adapters={a.label: a.summary() for a in adapters},
+                device=device_record(recipe.device, torch.device("cpu")),
                 **approximation,
                 **sections,
             )
@@ -120,6 +124,11 @@ def _check_recipe(recipe: Recipe, located: list[Located]) -> tuple[Declaration, 
         raise SoupError(
             f"{recipe.source}: method {declared.name!r} is not available for LoRA adapters; use uniform, weighted, "
             "greedy or learned (the exact soup Σᵢ wᵢ sᵢ Bᵢ Aᵢ is linear in the adapters)"
+        )
+    if (recipe.device or "").startswith("cuda"):
+        raise SoupError(
+            f"{recipe.source}: device: {recipe.device} runs the merge math of full-model soups; a soup of LoRA "
+            "adapters is linear in the adapters and is computed on the CPU: remove `device:` or set device: auto"
         )
     output = recipe.adapter_output or "concat"
     if output == "svd" and recipe.rank is None:

@@ -1,10 +1,12 @@
 """The method registry: a merge method is one function, and its signature is its declaration.
 
 A method takes the ingredients' tensors for one tensor name (fp32, same shape) as its first positional argument and
-its parameters as keyword-only arguments; it returns one tensor and never mutates its inputs. Keyword-only
-parameters named in `CONTEXT` are supplied by the engine (the base model's tensor, a seeded generator), not by the
-recipe. Everything else is a recipe parameter: its annotation gives the type that is checked, its default makes it
-optional. Recipes are checked against this declaration before any tensor is read.
+its parameters as keyword-only arguments; it returns one tensor and never mutates its inputs. The tensors are on the
+recipe's `device` (the CPU by default): a method makes new tensors on theirs (`zeros_like`, `new_ones`), and draws
+random numbers from `generator` on the CPU, moving the result, so a seed gives the same soup on every device.
+Keyword-only parameters named in `CONTEXT` are supplied by the engine (the base model's tensor, a seeded generator),
+not by the recipe. Everything else is a recipe parameter: its annotation gives the type that is checked, its default
+makes it optional. Recipes are checked against this declaration before any tensor is read.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from ..schedules import is_schedule, validate, values_in
 # Engine-supplied keyword arguments: a method asks for one by naming it in its signature.
 CONTEXT = {
     "base": "the base model's fp32 tensor of the same name (the recipe must name `base_model`)",
-    "generator": "a `torch.Generator` seeded from the recipe's `seed` and the tensor name",
+    "generator": "a CPU `torch.Generator` seeded from the recipe's `seed` and the tensor name",
     "seed": "the recipe's `seed` (for strategies that draw random numbers)",
     "storage": "a file beside the soup where a strategy keeps what lets an interrupted cook resume (or None)",
     "statistics": "per-ingredient statistics of the same tensor (None where there are none), from the method's "

@@ -32,7 +32,7 @@ def slerp(tensors: list[torch.Tensor], *, t: float = 0.5, collinear: float = 0.9
     first, second = tensors
     a, b = first.flatten(), second.flatten()
     norms = a.norm() * b.norm()
-    cosine = (a @ b / norms).clamp(-1.0, 1.0) if norms > 0 else torch.tensor(1.0)
+    cosine = (a @ b / norms).clamp(-1.0, 1.0) if norms > 0 else first.new_ones(())
     if cosine.abs() > collinear:
         return torch.lerp(first, second, t)
     omega = torch.arccos(cosine)

@@ -18,28 +18,52 @@ def task_vectors(tensors: Sequence[torch.Tensor], base: torch.Tensor) -> list[to
     return [tensor - base for tensor in tensors]
 
 
+def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest entry of a 1-D tensor, the same value on every device (with NaN in it: NaN, or a value
+    that every NaN is counted above).
+
+    The CPU selects it with `kthvalue` (one linear pass; `topk` sorts partially and is slower for large k); CUDA's
+    `kthvalue` runs one thread block per row, so there `topk`, which spreads a large row over many, selects it.
+    """
+    if values.is_cuda:
+        return values.topk(k, sorted=False).values.min()
+    return values.kthvalue(values.numel() - k + 1).values
+
+
 def keep_largest(tau: torch.Tensor, density: float) -> torch.Tensor:
-    """Zero all but the k = max(1, ⌊density · n⌋) entries of largest magnitude (exactly k, as in TIES and mergekit)."""
+    """Zero all but the k = max(1, ⌊density · n⌋) entries of largest magnitude (exactly k, as in TIES and mergekit).
+
+    Entries whose magnitude equals the k-th largest are kept lowest index first, so the same entries are kept on
+    every device (`topk` leaves that choice to its implementation, and CPU and CUDA choose differently). NaN counts
+    as the largest magnitude and is always kept, so a diverged ingredient cannot be trimmed into a finite soup.
+    """
     if not 0.0 < density <= 1.0:
         raise SoupError(f"density must be in (0, 1], got {density}")
     if density == 1.0 or tau.numel() == 0:
         return tau.clone()
     keep = max(1, int(density * tau.numel()))
     flat = tau.flatten()
-    out = torch.zeros_like(flat)
-    top = flat.abs().topk(keep, sorted=False).indices
-    out[top] = flat[top]
-    return out.view_as(tau)
+    magnitude = flat.abs()
+    threshold = kth_largest(magnitude, keep)
+    kept = torch.le(magnitude, threshold).logical_not_()
+    short = keep - int(kept.count_nonzero())
+    if short > 0:  # ties at the threshold: the lowest indices
+        kept[(magnitude == threshold).nonzero().flatten()[:short]] = True
+    return torch.where(kept, flat, 0.0).view_as(tau)
 
 
 def drop_and_rescale(tau: torch.Tensor, drop_rate: float, generator: torch.Generator) -> torch.Tensor:
-    """DARE: drop each entry with probability p and rescale the rest by 1/(1 − p)."""
+    """DARE: drop each entry with probability p and rescale the rest by 1/(1 − p).
+
+    The mask is drawn on the generator's device (the CPU) and moved to `tau`'s, so a seed gives the same mask
+    whatever device the merge runs on.
+    """
     if not 0.0 <= drop_rate < 1.0:
         raise SoupError(f"drop_rate must be in [0, 1), got {drop_rate}")
     if drop_rate == 0.0:
         return tau.clone()
-    keep = torch.rand(tau.shape, generator=generator) >= drop_rate
-    return torch.where(keep, tau / (1.0 - drop_rate), torch.zeros_like(tau))
+    keep = torch.rand(tau.shape, generator=generator, device=generator.device) >= drop_rate
+    return torch.where(keep.to(tau.device), tau / (1.0 - drop_rate), torch.zeros_like(tau))
 
 
 def elect_sign(
