@@ -50,7 +50,8 @@ def magnitude_ranks(tau: torch.Tensor) -> torch.Tensor:
     """Each entry's position when the entries are ordered by magnitude, largest first (equal magnitudes: earlier
     entry first), flattened. `keep_ranked(tau, ranks, k)` equals `keep_largest` at any density giving k."""
     numel = tau.numel()
-    order = torch.sort(tau.flatten().abs(), descending=True, stable=True).indices
+    # A non-negative float's bits, read as an integer, order as the float does (NaN above Inf); integers sort fast.
+    order = torch.argsort(-tau.flatten().float().abs().view(torch.int32), stable=True)
     dtype = torch.int32 if numel < 2**31 else torch.int64
     ranks = torch.empty(numel, dtype=dtype)
     ranks[order] = torch.arange(numel, dtype=dtype)
