@@ -66,8 +66,9 @@ def trim_states(
     ranks = torch.stack([magnitude_ranks(flat) for flat in flats])
     joins = ranks.sort(dim=0).values
     merged = torch.empty(flats[0].numel(), len(flats) + 1)
-    for size in range(len(flats) + 1):
-        keep = joins[size - 1] + 1 if size else 0
+    merged[:, 0] = 0.0  # nothing kept: no sign agrees, the disjoint mean is 0
+    for size in range(1, len(flats) + 1):
+        keep = joins[size - 1] + 1
         trimmed = [keep_ranked(flat, rank, keep) for flat, rank in zip(flats, ranks)]
         merged[:, size] = disjoint_merge(trimmed, weights, majority_sign)
     return joins, merged
