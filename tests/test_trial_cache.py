@@ -11,8 +11,9 @@ from hf_soup import SoupBuilder, SoupError
 from hf_soup.checkpoint import CheckpointReader
 from hf_soup.merge import merge_tensor
 from hf_soup.methods.sparsify import keep_largest, keep_ranked, kept_count, magnitude_ranks
+from hf_soup.strategies import trial_cache
 from hf_soup.strategies.space import SearchSpace
-from hf_soup.strategies.trial_cache import TrialCache, parse_cache
+from hf_soup.strategies.trial_cache import TrialCache, cache_budget, parse_cache
 
 SEARCHES = {  # merge → (space, fixed, what the cache keeps)
     "ties": ({"density": {"low": 0.05, "high": 1.0}, "scale": {"low": 0.5, "high": 2.0}}, {}, "trim states"),
@@ -142,10 +143,15 @@ def test_bad_cache_values_are_refused_before_any_tensor_is_read(task, splits, tm
     assert not (tmp_path / "soup").exists()
 
 
-def test_cache_settings_read_yaml_booleans_and_sizes():
+def test_cache_settings_read_yaml_booleans_and_sizes(monkeypatch):
     assert parse_cache("auto") == parse_cache(True) == "auto"
     assert parse_cache("off") == parse_cache(False) == "off"
     assert parse_cache("2GB") == 2 * 10**9 and parse_cache("500MiB") == 500 * 2**20 and parse_cache(4096) == 4096
+    assert cache_budget("off") == 0 and cache_budget(4096, processes=2) == 4096
+    monkeypatch.setattr(trial_cache, "available_memory", lambda: 10 * 10**9)
+    assert cache_budget("auto") == 5 * 10**9 and cache_budget("auto", processes=2) == 2.5 * 10**9
+    monkeypatch.setattr(trial_cache, "available_memory", lambda: None)
+    assert cache_budget("auto") == trial_cache.UNKNOWN_MEMORY
 
 
 def test_the_trim_keeps_the_earlier_of_equal_magnitudes_and_matches_the_ranks():
