@@ -156,7 +156,9 @@ def markdown(results: dict, soups: dict, data) -> str:
         )
     for name, result in results.items():
         cache = result["strategy"].get("cache")
-        if cache:
+        if cache and cache["setting"] == "off":
+            lines.append(f"\n- {name}: cache off, every tensor recomputed in every trial")
+        elif cache:
             lines.append(
                 f"\n- {name}: cache {cache['setting']} kept {cache['kept']} for {cache['cached_tensors']} tensors "
                 f"({cache['bytes'] / 1e9:.2f} GB of a {cache['budget_bytes'] / 1e9:.2f} GB budget; "
