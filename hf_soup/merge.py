@@ -204,7 +204,7 @@ class _BackgroundWriter:
             raise self.error
 
 
-def _finite(tensor: torch.Tensor) -> bool:
+def is_finite(tensor: torch.Tensor) -> bool:
     """No NaN and no Inf; one pass and no allocation (min and max propagate NaN)."""
     if not tensor.numel():
         return True
@@ -266,10 +266,21 @@ def merge_tensor(
             _fp32(handle.get_tensor(name), device) if name in handle.keys() else None for handle in statistics
         ]
     values = parameters(name) if callable(parameters) else parameters
-    out = method.function(tensors, **values, **context)
-    if not _finite(out):
+    return check_finite(method.function(tensors, **values, **context), name, method, readers, tensors)
+
+
+def check_finite(
+    out: torch.Tensor,
+    name: str,
+    method: Method,
+    readers: Sequence[CheckpointReader] = (),
+    tensors: Sequence[torch.Tensor] = (),
+) -> torch.Tensor:
+    """`out`, once it is known to hold no NaN or Inf; else the error names the diverged ingredient among
+    `readers`/`tensors` (the method's inputs), or the method."""
+    if not is_finite(out):
         for reader, tensor in zip(readers, tensors):
-            if not _finite(tensor):
+            if not is_finite(tensor):
                 raise SoupError(
                     f"ingredient {reader.label}: tensor {name} holds NaN or Inf; that run diverged, leave it out"
                 )

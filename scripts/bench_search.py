@@ -5,7 +5,9 @@ and their splits; run that script first). Cooks, each with a budget of `--trials
 
 - `weights`: the weighted soup's k weights (k-dimensional, each in [0, 1], normalised);
 - `ties`: TIES density × scale (density in [0.1, 1], scale in [0.5, 2]; base = the shared initialization);
-- `greedy-alpha`: the α-blend greedy soup with α from {0.25, 0.5, 0.75}.
+- `greedy-alpha`: the α-blend greedy soup with α from {0.25, 0.5, 0.75};
+- `ties-off`: the `ties` search with `cache: off` (every trial recomputes TIES), its first 10 trials: the uncached
+  trial cost, and the same proposals and scores as `ties`'s first 10 when the cache changes nothing.
 
 Each soup is then scored on the test split and the three shifts. Time per trial is compared with one plain
 evaluation measured inside the same trials (the scorer's forward passes), so the ratio does not depend on what
@@ -36,6 +38,7 @@ COOKS = {
     },
     "greedy-alpha": {"method": "greedy", "alpha": [0.25, 0.5, 0.75]},
 }
+COOKS["ties-off"] = {**COOKS["ties"], "cache": "off", "trials": 10}
 
 
 def cook(soups_work: Path, work: Path, name: str, ids: list[str], data, trials: int) -> dict:
@@ -49,7 +52,8 @@ def cook(soups_work: Path, work: Path, name: str, ids: list[str], data, trials: 
     if options.pop("base", False):
         options["base_model"] = str(soups_work / "init")
     if options["method"] == "search":
-        options.update(sampler="tpe", trials=trials)
+        options.setdefault("trials", trials)
+        options["sampler"] = "tpe"
     timers = Timers()
     try:
         started = time.perf_counter()
@@ -75,14 +79,15 @@ def cook(soups_work: Path, work: Path, name: str, ids: list[str], data, trials: 
 
 class Timers:
     """Time spent inside the search's trials (`hf_soup.strategies.search._taste`): in all, scoring (the
-    scorer's forward passes), computing the candidate's tensors (`merge_tensor` or `Tasting.combine`) and writing
-    them into the resident model (`Kitchen.write`)."""
+    scorer's forward passes), computing the candidate's tensors (`merge_tensor`, `TrialCache.merge` or
+    `Tasting.combine`) and writing them into the resident model (`Kitchen.write`)."""
 
     def __init__(self):
         import hf_soup.strategies.search as search
         import hf_soup.strategies.tasting as tasting
         from hf_soup.kitchen import Kitchen
         from hf_soup.scoring import Scorer
+        from hf_soup.strategies.trial_cache import TrialCache
 
         self.totals = {"count": 0, "total": 0.0, "score": 0.0, "merge": 0.0, "write": 0.0}
         self.inside, self.originals = False, []
@@ -90,6 +95,7 @@ class Timers:
         self.wrap(Scorer, "outputs", "score")
         self.wrap(tasting, "merge_tensor", "merge")
         self.wrap(tasting.Tasting, "combine", "merge")
+        self.wrap(TrialCache, "merge", "merge")
         self.wrap(Kitchen, "write", "write")
 
     def wrap(self, owner, attribute: str, key: str, outer: bool = False) -> None:
@@ -148,6 +154,16 @@ def markdown(results: dict, soups: dict, data) -> str:
             f"| {name} | {len(strategy['history'])} | {best} | {t['total']:.2f} | {t['score']:.2f} | "
             f"{t['merge']:.2f} | {t['write']:.2f} | {t['total'] / t['score']:.3f} | {result['wall_s']:.0f} |"
         )
+    for name, result in results.items():
+        cache = result["strategy"].get("cache")
+        if cache and cache["setting"] == "off":
+            lines.append(f"\n- {name}: cache off, every tensor recomputed in every trial")
+        elif cache:
+            lines.append(
+                f"\n- {name}: cache {cache['setting']} kept {cache['kept']} for {cache['cached_tensors']} tensors "
+                f"({cache['bytes'] / 1e9:.2f} GB of a {cache['budget_bytes'] / 1e9:.2f} GB budget; "
+                f"{cache['recomputed_tensors']} recomputed), built in {cache['seconds']:.1f} s before the first trial"
+            )
     return "\n".join(lines)
 
 

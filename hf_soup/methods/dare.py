@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
 
 from ..errors import SoupError
 from .registry import register_method
-from .sparsify import disjoint_mean, drop_and_rescale, elect_sign, task_vectors, weights_or_ones
+from .sparsify import disjoint_merge, drop_and_rescale, task_vectors, weights_or_ones
 from .weighted import check_optional_weights
 
 
@@ -49,8 +50,20 @@ def dare(
     """
     weights = weights_or_ones(weights, len(tensors))
     taus = [drop_and_rescale(tau, drop_rate, generator) for tau in task_vectors(tensors, base)]
+    return dare_combine(taus, base, weights, merge, majority_sign, scale)
+
+
+def dare_combine(
+    taus: Sequence[torch.Tensor],
+    base: torch.Tensor,
+    weights: Sequence[float],
+    merge: Literal["linear", "ties"],
+    majority_sign: Literal["total", "frequency"],
+    scale: float,
+) -> torch.Tensor:
+    """Combine the dropped and rescaled task vectors (`drop_and_rescale`): linearly, or by TIES's disjoint merge."""
     if merge == "ties":
-        return base + scale * disjoint_mean(taus, weights, elect_sign(taus, weights, majority_sign))
+        return base + scale * disjoint_merge(taus, weights, majority_sign)
     out = base.clone()
     for weight, tau in zip(weights, taus):
         out.add_(tau, alpha=scale * weight)

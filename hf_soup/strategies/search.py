@@ -26,6 +26,7 @@ from ..scoring import Scorer, process_state
 from .registry import StrategyResult, register_strategy
 from .space import SearchSpace
 from .tasting import Tasting
+from .trial_cache import TrialCache, parse_cache
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ INTERRUPTED_TRIALS = "hf_soup_interrupted_trials"  # the study's user attribute 
 def check_search(parameters: dict[str, Any], count: int) -> dict[str, Any]:
     """The space must fit the merge method (checked at both ends of every range), the budget be positive."""
     SearchSpace.parse(parameters["merge"], parameters["space"], parameters["fixed"] or {}, count)
+    parse_cache(parameters["cache"])
     if parameters["trials"] < 1 or parameters["grid_points"] < 2:
         raise SoupError(
             f"search: trials must be ≥ 1 and grid_points ≥ 2, got trials {parameters['trials']}, "
@@ -69,6 +71,7 @@ def search(
     sampler: Literal["tpe", "random", "grid", "cmaes"] = "tpe",
     trials: int = 50,
     grid_points: int = 5,
+    cache: Any = "auto",
     seed: int,
     storage: Path | None,
 ) -> StrategyResult:
@@ -83,6 +86,8 @@ def search(
             numeric dimension, visited in a seeded random order) or `cmaes`.
         trials (`int`, *optional*, defaults to 50): the budget, finished trials of a resumed study included.
         grid_points (`int`, *optional*, defaults to 5): values per numeric dimension for `grid`.
+        cache (`str` or `int`, *optional*, defaults to `"auto"`): memory for what TIES and DARE trials share (see
+            `hf_soup.strategies.trial_cache`): `auto` (half the available memory), `off`, or a size (`"4GB"`).
     """
     optuna = _optuna()
     space_ = SearchSpace.parse(merge, space, fixed or {}, tasting.count)
@@ -94,7 +99,8 @@ def search(
         study = _open_study(optuna, name, storage, _sampler(optuna, sampler, seed, grid), tasting.scorer)
     done = _broadcast(state, len(_finished(optuna, study)) if study is not None else None)
     budget = trials if grid is None else min(trials, _grid_size(grid))
-    evaluations = _run_trials(study, tasting, space_, budget - done)
+    prepared = _prepare(tasting, space_, cache) if budget > done else None
+    evaluations = _run_trials(study, tasting, space_, budget - done, prepared)
     history = _broadcast(state, _history(optuna, study) if study is not None else None)
     best = _best(tasting.scorer, history)
     parameters = space_.parameters(best["parameters"], tasting.names)
@@ -114,6 +120,7 @@ def search(
         "seconds_per_trial": sum(seconds) / len(seconds) if seconds else None,
         "storage": str(storage) if storage is not None else None,
         "study": study.study_name if study is not None else None,
+        "cache": prepared.record() if prepared is not None else None,
     }
     return StrategyResult(
         chosen=list(range(tasting.count)), method=merge, parameters=parameters, score=best["score"], record=record
@@ -131,7 +138,17 @@ def _open_study(optuna, name: str, storage: Path | None, sampler, scorer: Scorer
     return study
 
 
-def _run_trials(study, tasting: Tasting, space: SearchSpace, count: int) -> int:
+def _prepare(tasting: Tasting, space: SearchSpace, setting: Any) -> TrialCache | None:
+    """The cache of what this search's trials share (TIES and DARE on full models), filled before the first one."""
+    if space.method.mixing is not None or not tasting.supports("apply"):
+        return None
+    readers, base = tasting.readers, tasting.base
+    processes = process_state().num_processes
+    return TrialCache.build(space.method, readers, base, space.held(), setting=setting, seed=tasting.seed,
+                            processes=processes)  # fmt: skip
+
+
+def _run_trials(study, tasting: Tasting, space: SearchSpace, count: int, cache: TrialCache | None = None) -> int:
     """Run `count` more trials: the main process (the one holding `study`) proposes, every process scores its shard
     of the split (under `accelerate launch`). Returns how many candidates this process scored."""
     state = process_state()
@@ -141,7 +158,7 @@ def _run_trials(study, tasting: Tasting, space: SearchSpace, count: int) -> int:
         nonlocal evaluations
         parameters = space.parameters(values, tasting.names)  # SoupError: a proposal the method refuses
         evaluations += 1
-        return _taste(tasting, space, parameters)
+        return _taste(tasting, space, parameters, cache)
 
     def objective(trial) -> float:
         values = _broadcast(state, {d.name: d.suggest(trial) for d in space.dimensions})
@@ -181,15 +198,15 @@ def _best(scorer: Scorer, history: list[dict[str, Any]]) -> dict[str, Any]:
     return best
 
 
-def _taste(tasting: Tasting, space: SearchSpace, parameters) -> float:
+def _taste(tasting: Tasting, space: SearchSpace, parameters, cache: TrialCache | None = None) -> float:
     """Write one candidate into the resident model and score it: linear methods by their coefficients, others
-    with the method itself."""
+    with the method itself (what `cache` holds taken from there)."""
     if space.method.mixing is not None:
         count = tasting.count
         if callable(parameters):
             return tasting.taste(lambda name: space.method.mixing(parameters(name), count))
         return tasting.taste(space.method.mixing(parameters, count))
-    tasting.apply(space.method.name, parameters)
+    tasting.apply(space.method.name, parameters, cache=cache)
     return tasting.scorer.score(tasting.kitchen.model, tasting.split)
 
 

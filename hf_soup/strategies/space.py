@@ -129,12 +129,22 @@ class SearchSpace:
                 label = name + ("" if index is None else f"[{index}]") + ("" if groups[name] == 1 else f"@{group}")
                 dimensions.append(_dimension(label, name, index, group, spec, annotation))
         parsed = cls(method, dimensions, dict(fixed), groups, count)
-        middle = {d.name: d.choices[0] if d.choices else d.value((d.low + d.high) / 2) for d in dimensions}
+        middle = parsed.middle()
         for d in dimensions:  # the method's own checks at both ends of every range, the other values in the middle
             for end in d.choices or (d.value(d.low), d.value(d.high)):
                 for key in parsed._keys():
                     parsed.bind({**middle, d.name: end}, key)
         return parsed
+
+    def middle(self) -> dict[str, Any]:
+        """A value for every dimension: the first choice, or the middle of the range."""
+        return {d.name: d.choices[0] if d.choices else d.value((d.low + d.high) / 2) for d in self.dimensions}
+
+    def held(self) -> dict[str, Any]:
+        """The method's parameters that no trial changes (fixed, or left at their defaults), as the method binds
+        them."""
+        bound = self.bind(self.middle(), self._keys()[0])
+        return {name: value for name, value in bound.items() if name not in self.groups}
 
     def _keys(self) -> list[tuple[int, ...]]:
         """Every combination of layer groups a tensor can fall in (one group index per searched parameter)."""

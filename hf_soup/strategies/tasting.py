@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -150,9 +150,14 @@ class Tasting:
             out = tensor * weight if out is None else out.add_(tensor, alpha=weight)
         return out if out is not None else torch.zeros(first.info(name).shape)
 
-    def apply(self, method: str, parameters: Parameters, chosen: Sequence[int] | None = None) -> None:
+    def apply(
+        self, method: str, parameters: Parameters, chosen: Sequence[int] | None = None, *, cache: Any = None
+    ) -> None:
         """Write the soup of a registered method over `chosen` (default: all) into the resident model, tensor by
-        tensor with the streaming engine's `merge_tensor`: the same tensors the cook then writes to disk."""
+        tensor with the streaming engine's `merge_tensor`: the same tensors the cook then writes to disk.
+
+        `cache` (a search's `TrialCache`, over all the ingredients) gives the tensors it holds instead, the same.
+        """
         self.require({"apply": f"a {method!r} soup is written tensor by tensor"}, "apply")
         declared = get_method(method)
         if declared.needs_data or declared.layout is not None:
@@ -163,8 +168,11 @@ class Tasting:
         if declared.needs_base and self.base is None:
             raise SoupError(f"method {method!r} needs the base model: add `base_model:` to the recipe")
         readers = self.readers if chosen is None else [self.readers[i] for i in chosen]
+        cache = cache if chosen is None else None
         for name in self.names:
-            value = merge_tensor(name, readers, declared, parameters, base=self.base, seed=self.seed)
+            value = cache.merge(name, parameters) if cache is not None else None
+            if value is None:
+                value = merge_tensor(name, readers, declared, parameters, base=self.base, seed=self.seed)
             self.kitchen.write(name, value)
 
     def load_ingredient(self, index: int) -> None:
