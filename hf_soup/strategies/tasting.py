@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -129,6 +129,10 @@ class Tasting:
             if not self.supports(capability):
                 lack = self.lacking.get(capability, f"{type(self).__name__} cannot {CAPABILITIES[capability]}")
                 raise SoupError(f"{who}: {why}, and {lack}")
+
+    def summary(self) -> dict[str, Any]:
+        """What the report records about this tasting: the resident model's dtype."""
+        return {"dtype": str(self.kitchen.dtype).removeprefix("torch.")}
 
     # -- writing candidates --------------------------------------------------------------------------------------
     def mix(self, coefficients: Coefficients) -> None:
