@@ -55,7 +55,9 @@ def test_rows_sorted_by_length_give_the_numbers_of_the_split_order(kind, task, m
             else:
                 assert got == pytest.approx(want, rel=1e-6), metric
         if task == "sequence-classification":  # the ensemble averages the same rows in either order
-            ensembles = [s.compute(average_logits([s.outputs(m, "validation") for m in models])) for s in (fast, plain)]
+            ensembles = [
+                s.compute(average_logits([s.outputs(m, "validation") for m in models])) for s in (fast, plain)
+            ]
             assert ensembles[0] == pytest.approx(ensembles[1], rel=1e-6)
 
 

@@ -22,7 +22,7 @@ import torch
 
 from ..errors import SoupError, brief, did_you_mean
 from .audio import AUDIO_INPUTS, AudioClassification
-from .base import Batches, MetricFunction, Task, input_device
+from .base import Batches, MetricFunction, Task, column_lengths, input_device
 from .choices import MultipleChoice
 from .generation import Seq2SeqGeneration
 from .images import ImageClassification
@@ -37,6 +37,7 @@ __all__ = [
     "MetricFunction",
     "Task",
     "collate",
+    "column_lengths",
     "flat",
     "get_task",
     "input_device",

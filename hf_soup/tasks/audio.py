@@ -78,7 +78,9 @@ class AudioClassification(Task):
         (`input_features` of extractors that pad them, e.g. Speech2Text's; Whisper's are all one length); `None`
         when the extractor gives no `attention_mask` (wav2vec2-base style models see the zero padding)."""
         column = next((c for c in ("input_values", "input_features") if c in dataset.column_names), None)
-        return None if column is None else column_lengths(dataset, column)
+        if column is None or "attention_mask" not in dataset.column_names:
+            return None
+        return column_lengths(dataset, column)
 
     def collate(self, tokenizer=None) -> Callable[[list[dict]], dict[str, torch.Tensor]]:
         """Batch clips with the feature extractor's `pad`; without one (inputs made by `evaluation.preprocess`), each

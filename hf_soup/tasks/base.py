@@ -121,7 +121,7 @@ class Task:
         """Each row's length along the axis its batch is padded on (tokens), so that rows of like length can be
         batched together; `None` when batches are not padded (no `input_ids`: images) or when the model would see
         the padding (no `attention_mask`), as then a row's outputs depend on the rows batched with it."""
-        return column_lengths(dataset, "input_ids")
+        return column_lengths(dataset, "input_ids") if "attention_mask" in dataset.column_names else None
 
     def collate(self, tokenizer=None) -> Callable[[list[dict]], dict[str, torch.Tensor]]:
         """Batch examples: token sequences right-padded (`input_ids` with the tokenizer's pad id), one label each."""
@@ -157,9 +157,8 @@ class Task:
 
 
 def column_lengths(dataset, column: str) -> list[int] | None:
-    """The length of every row's `column` (a list per row), or `None` when the split has no such column or no
-    `attention_mask` (without one the model sees the padding: batching rows by length would change its outputs)."""
-    if column not in dataset.column_names or "attention_mask" not in dataset.column_names:
+    """The length of every row's `column` (a list per row), or `None` when the split has no such column."""
+    if column not in dataset.column_names:
         return None
     import pyarrow.compute
 
