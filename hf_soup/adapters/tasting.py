@@ -288,7 +288,7 @@ class AdapterTasting(Tasting):
             )
         in_place = self.learning_in_place
         leaf = alpha.detach().clone().requires_grad_(True)
-        self._set(lambda name, i: leaf[groups[name], i], in_place, keep_zero=True)
+        self._set(lambda name, i: (alpha if name in in_place else leaf)[groups[name], i], in_place, keep_zero=True)
         self._mix_heads(lambda name, i: alpha[groups[name], i])
         trained = [slot for slot, _ in self.heads.values()]
         trained += [self.kitchen.parameter(self.bases[name][0]) for name in in_place]
