@@ -220,7 +220,9 @@ class SoupBuilder:
         folder = Path(tempfile.mkdtemp(prefix=".hf_soup-statistics-", dir=where if where.is_dir() else None))
         stack.callback(shutil.rmtree, folder, True)
         handles = []
-        with open_kitchen(recipe, located[0].folder, scorer, selection, _overrides(vocabulary)) as kitchen:
+        with open_kitchen(
+            recipe, located[0].folder, scorer, selection, _overrides(vocabulary), dtype="float32"
+        ) as kitchen:
             for index, reader in enumerate(readers):
                 kitchen.load((name, reader.get(name)) for name in reader.names())
                 values = method.statistics(kitchen, scorer, selection.split, parameters)

@@ -67,6 +67,7 @@ def compare(
         "individuals": individuals,
         "greedy_ensemble": [tasting.ingredients[i].id for i in kept] if ensembles and count > 1 else None,
         "undefined": undefined,  # rows that are not defined for these outputs, with why
+        **tasting.summary(),  # the resident model's dtype; for adapters, how the soups were tasted
     }
 
 

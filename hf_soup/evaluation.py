@@ -51,6 +51,7 @@ EVALUATION_KEYS = {
     "preprocess": "module:function mapping a batch of raw rows to model inputs (instead of tokenizing text)",
     "compare": "extra rows of the report: uniform, greedy, learned, ensemble (default: uniform, ensemble)",
     "device_map": "where the resident model lives: auto, cpu, cuda, or {module: device}",
+    "dtype": "the resident model's dtype for scoring: float32 (default), bfloat16, float16 (GPU only)",
     "max_memory": "per-device memory limits for device_map auto, e.g. {0: 10GiB, cpu: 30GiB}",
     "offload_folder": "where disk-offloaded weights of the resident model go",
     "reuse_recorded_scores": "use pantry scores measured on the selection split (default true)",
@@ -68,6 +69,7 @@ NULLABLE = {
     "num_beams",
     "preprocess",
     "device_map",
+    "dtype",
     "max_memory",
     "offload_folder",
 }
@@ -106,6 +108,7 @@ class Evaluation:
     preprocess: str | Callable | None = None
     compare: list[str] = field(default_factory=lambda: list(COMPARED_BY_DEFAULT))
     device_map: Any = "auto"
+    dtype: str = "float32"
     max_memory: dict[Any, Any] | None = None
     offload_folder: str | None = None
     reuse_recorded_scores: bool = True
@@ -134,6 +137,7 @@ class Evaluation:
             "metric": (str, Callable),
             "preprocess": (str, Callable),
             "device_map": (str, int, Mapping),
+            "dtype": str,
             "greater_is_better": bool,
             "metric_key": str,
             "columns": Mapping,
@@ -209,6 +213,7 @@ class Evaluation:
                 f"{where}.chat_template shows prompts through the tokenizer's chat template, which only task "
                 f"causal-generation has (task is {task!r}); remove it"
             )
+        _check_dtype(data.get("dtype"), data.get("device_map", "auto"), where)
         dataset = dict(data["dataset"]) if data.get("dataset") is not None else None
         if dataset is not None:
             dataset = _resolve_files(dataset, base_dir)
@@ -263,6 +268,11 @@ class Evaluation:
                 )
         return {split: loaded[split] for split in wanted}
 
+    @property
+    def resident_dtype(self) -> str:
+        """The resident model's dtype name (`dtype`, float32 when not given)."""
+        return self.dtype or "float32"
+
     def placement(self) -> dict[str, Any]:
         """Where the resident model goes: the `Kitchen` keyword arguments of this section."""
         return {"device_map": self.device_map, "max_memory": self.max_memory, "offload_folder": self.offload_folder}
@@ -284,6 +294,29 @@ class Evaluation:
             chat_template=self.chat_template,
             batch_size=self.batch_size,
             trust_remote_code=self.trust_remote_code,
+        )
+
+
+RESIDENT_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _check_dtype(dtype: str | None, device_map: Any, where: str) -> None:
+    """`dtype` is a resident dtype; float16 only where the resident model can be on a GPU."""
+    if dtype is None:
+        return
+    if dtype not in RESIDENT_DTYPES:
+        raise SoupError(
+            f"{where}.dtype {brief(dtype)}{did_you_mean(dtype, RESIDENT_DTYPES)} is not a resident dtype; use "
+            f"{', '.join(RESIDENT_DTYPES)} (the soup itself is written in `dtype:` at the recipe's top level)"
+        )
+    import torch
+
+    on_cpu = device_map == "cpu" or (device_map in (None, "auto") and not torch.cuda.is_available())
+    if dtype == "float16" and on_cpu:
+        raise SoupError(
+            f"{where}.dtype float16 puts the resident model in half precision on the CPU, which is slow and "
+            "overflows where bfloat16 does not; use bfloat16 (also slower than float32 on most CPUs) or float32, "
+            "or place the model on a GPU (device_map: cuda)"
         )
 
 

@@ -34,7 +34,8 @@ class Kitchen:
             an explicit `{module: device}` map whose devices may include `"cpu"` and `"disk"`.
         max_memory (`dict`, *optional*): e.g. `{0: "10GiB", "cpu": "30GiB"}`; what does not fit is offloaded to disk.
         offload_folder (`str`, *optional*): where the kitchen makes its own offload folder (default: a temp dir).
-        dtype (`torch.dtype`, *optional*, defaults to `torch.float32`): dtype of the resident weights.
+        dtype (`torch.dtype`, *optional*, defaults to `torch.float32`): dtype of the resident weights (kept as
+            `kitchen.dtype`); candidates are written into them cast from the fp32 soup, never read back.
         config_overrides (`dict`, *optional*): config attributes that differ from `folder`'s, e.g. the `vocab_size`
             of a soup whose vocabulary is the union of the ingredients' (`hf_soup.vocabulary`).
 
@@ -119,6 +120,7 @@ class Kitchen:
         elif next(iter(device_map.values())) != "cpu":
             model.to(next(iter(device_map.values())))
         self._settle(model, tied, device_map, offload_root, index)
+        self.dtype = dtype
 
     @classmethod
     def around(cls, model: torch.nn.Module) -> Kitchen:
@@ -129,6 +131,7 @@ class Kitchen:
         kitchen = cls.__new__(cls)
         device = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
         kitchen._settle(model, find_tied_parameters(model), {"": str(device)}, None, {})
+        kitchen.dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
         return kitchen
 
     def _settle(self, model, tied: list[list[str]], device_map: dict, offload_root: Path | None, index: dict) -> None:
@@ -165,6 +168,11 @@ class Kitchen:
                 elif not any(other in self._offload_index for other in self._tied.get(name, [])):
                     raise SoupError(f"cannot find where accelerate keeps offloaded tensor {name}")
         return targets
+
+    def tied(self, name: str) -> list[str]:
+        """Every name that shares `name`'s tensor (tied embeddings), `name` included; a write to one is a write to
+        all."""
+        return list(self._tied.get(name, [name]))
 
     def names(self) -> list[str]:
         """Tensor names the kitchen accepts (the model's state dict, tied names included)."""

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from .checkpoint import parse_dtype
 from .errors import SoupError, first_line
 from .evaluation import COMPARED_BY_DEFAULT, Evaluation
 from .ingredient import Ingredient, folder_labels
@@ -127,6 +128,7 @@ class Selection:
         compared (`list[str]`): the report's extra rows (`compare`).
         reuse_recorded (`bool`): reuse pantry scores measured on `split` (`reuse_recorded_scores`).
         placement (`dict`): the `Kitchen` keyword arguments (`device_map`, `max_memory`, `offload_folder`).
+        dtype (`str`): the resident model's dtype for scoring (`float32`, `bfloat16`, `float16`).
     """
 
     split: str
@@ -134,6 +136,7 @@ class Selection:
     compared: list[str] = field(default_factory=lambda: list(COMPARED_BY_DEFAULT))
     reuse_recorded: bool = True
     placement: dict[str, Any] = field(default_factory=dict)
+    dtype: str = "float32"
 
     @classmethod
     def of(cls, evaluation: Evaluation | None, scorer: Scorer) -> Selection:
@@ -146,21 +149,30 @@ class Selection:
                 list(evaluation.compare),
                 evaluation.reuse_recorded_scores,
                 evaluation.placement(),
+                evaluation.resident_dtype,
             )
         first = next(iter(scorer.splits))
         return cls(first, [split for split in scorer.splits if split != first])
 
 
 def open_kitchen(
-    recipe: Recipe, folder: Path, scorer: Scorer, selection: Selection, config_overrides: dict | None = None
+    recipe: Recipe,
+    folder: Path,
+    scorer: Scorer,
+    selection: Selection,
+    config_overrides: dict | None = None,
+    *,
+    dtype: str | None = None,
 ) -> Kitchen:
     """The one resident model: the scorer's own (a Trainer's model), or one built from `folder` (its config changed
-    by `config_overrides`, e.g. a union vocabulary's size) and placed as the selection says."""
+    by `config_overrides`, e.g. a union vocabulary's size), placed and typed as the selection says (`dtype` overrides
+    its dtype: statistics that go into the soup's math are gathered in float32)."""
     if scorer.resident is not None:
         return Kitchen.around(scorer.resident)
     return Kitchen(
         folder,
         scorer.task,
+        dtype=parse_dtype(dtype or selection.dtype),
         trust_remote_code=recipe.trust_remote_code,
         config_overrides=config_overrides,
         **selection.placement,

@@ -165,6 +165,8 @@ REPORT = shape(
         "rows": shape("object", each=SCORES),
         "individuals": shape("object", each=SCORES),
         "greedy_ensemble": shape("list", "null", each=STRING),
+        "dtype": OPTIONAL_STRING,
+        "adapter_mixing": shape("object", "null"),
     },
 )
 TASK_VECTORS = shape(

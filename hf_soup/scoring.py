@@ -1,14 +1,19 @@
 """Scorers: a resident model + an evaluation split → a number (and a per-split report).
 
-Splits are preprocessed once, when the scorer is made. Under `accelerate launch` each process scores a contiguous
-shard of the split and the outputs are gathered in order, so every process computes the same number.
+Splits are preprocessed once, when the scorer is made, and their rows sorted by length (longest first, stable) when
+the metric does not depend on the rows' order and the padding is masked (`Task.lengths`): every batch is then padded
+to nearly its own length (dynamic padding) and every model is scored over the same order, so ensembles still average
+the same rows. Batches are collated once
+and kept (within `BATCH_CACHE_BYTES`); forward passes run under `torch.inference_mode`. Under `accelerate launch`
+each process scores a contiguous shard of the split and the outputs are gathered in order, so every process computes
+the same number.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +22,9 @@ import torch
 
 from .errors import SoupError, did_you_mean, first_line
 from .tasks import Batches, Task, collate, flat, get_task, preprocess_split
+
+# Collated batches a scorer keeps for reuse by every candidate (beyond this, batches are collated at each scoring).
+BATCH_CACHE_BYTES = 512 * 2**20
 
 
 def process_state():
@@ -29,11 +37,14 @@ def process_state():
 
 @dataclass
 class Metric:
-    """A named metric over `(logits, labels)` batches with its direction."""
+    """A named metric over `(logits, labels)` batches with its direction. `order_free`: the number does not depend
+    on the order of the rows (built-in metrics); a user's `compute_metrics` or `evaluate` module may, so the scorer
+    keeps the split's order for it."""
 
     name: str
     compute: Callable[[Batches, bool], float]
     greater_is_better: bool
+    order_free: bool = False
 
 
 def make_metric(
@@ -51,7 +62,7 @@ def make_metric(
     builtin = task.metrics
     if isinstance(metric, str) and metric in builtin:
         function, direction = builtin[metric]
-        return Metric(metric, function, direction if greater_is_better is None else greater_is_better)
+        return Metric(metric, function, direction if greater_is_better is None else greater_is_better, True)
     if isinstance(metric, str) and ":" in metric and not os.path.exists(metric):
         module_name, _, attribute = metric.partition(":")
         try:
@@ -196,6 +207,8 @@ class Scorer(BaseScorer):
         max_length_seconds (`float`, *optional*): `audio-classification` cuts every clip to its first seconds.
         chat_template (`bool`, *optional*, defaults to `False`): show `causal-generation` prompts as a user message
             through the tokenizer's chat template (with the generation prompt).
+        sort_by_length (`bool`, *optional*, defaults to `True`): batch each split's rows longest first (stable) when
+            the metric is order-free and the task knows the rows' lengths; `False` batches them in split order.
 
     Example:
 
@@ -224,6 +237,7 @@ class Scorer(BaseScorer):
         generation: Mapping[str, int | None] | None = None,
         max_length_seconds: float | None = None,
         chat_template: bool = False,
+        sort_by_length: bool = True,
     ):
         if not splits:
             raise SoupError("a scorer needs at least one split")
@@ -256,6 +270,13 @@ class Scorer(BaseScorer):
             )
             for name, data in splits.items()
         }
+        sort = sort_by_length and self.metric.order_free
+        # the rows of each split in the order they are batched: longest first, or the split's own order
+        self.orders = {
+            name: _order(self.task.lengths(data) if sort else None, len(data)) for name, data in self.splits.items()
+        }
+        self._collated: dict[tuple, list[dict[str, Any]]] = {}
+        self._collated_bytes = 0
         self.evaluations = 0
 
     def split(self, name: str):
@@ -263,21 +284,55 @@ class Scorer(BaseScorer):
             raise SoupError(f"no split {name!r}; the scorer has: {', '.join(self.splits)}")
         return self.splits[name]
 
-    @torch.no_grad()
     def outputs(self, model: torch.nn.Module, split: str) -> Batches:
-        """(logits, labels) of every batch of `split`, in order; sharded over processes and gathered."""
+        """(logits, labels) of every batch of `split`, in the scorer's order of its rows (`orders`); sharded over
+        processes and gathered."""
         state = process_state()
-        data = self.split(split)
-        if state.num_processes > 1:
-            data = data.shard(num_shards=state.num_processes, index=state.process_index, contiguous=True)
         model.eval()
         batches: Batches = []
-        for start in range(0, len(data), self.batch_size):
-            batch = self.collator([data[i] for i in range(start, min(start + self.batch_size, len(data)))])
-            batches.append((self.task.outputs(model, batch).cpu(), batch["labels"]))
+        for batch in self.batches(split, state.num_processes, state.process_index):
+            with torch.inference_mode():
+                batches.append((self.task.outputs(model, batch).cpu(), batch["labels"]))
         if state.num_processes > 1:
             from accelerate.utils import gather_object
 
             batches = [b for shard in gather_object([batches]) for b in shard]
         self.evaluations += 1
         return batches
+
+    def batches(self, split: str, processes: int = 1, index: int = 0) -> Iterator[dict[str, Any]]:
+        """The collated batches of process `index`'s contiguous shard of `split` (of `processes`), in the scorer's
+        order; collated once and kept while they fit in `BATCH_CACHE_BYTES`."""
+        key = (split, processes, index)
+        if key in self._collated:
+            yield from self._collated[key]
+            return
+        data, rows = self.split(split), _shard(self.orders[split], processes, index)
+        kept: list[dict[str, Any]] | None = []
+        size = 0
+        for start in range(0, len(rows), self.batch_size):
+            batch = self.collator([data[i] for i in rows[start : start + self.batch_size]])
+            if kept is not None:
+                size += sum(v.nbytes for v in batch.values() if isinstance(v, torch.Tensor))
+                if self._collated_bytes + size <= BATCH_CACHE_BYTES:
+                    kept.append(batch)
+                else:
+                    kept = None
+            yield batch
+        if kept is not None:
+            self._collated[key] = kept
+            self._collated_bytes += size
+
+
+def _order(lengths: list[int] | None, count: int) -> list[int]:
+    """Row indices longest first (ties in split order), or the split's order when the lengths are unknown."""
+    if lengths is None:
+        return list(range(count))
+    return sorted(range(count), key=lambda row: -lengths[row])
+
+
+def _shard(rows: list[int], processes: int, index: int) -> list[int]:
+    """Process `index`'s contiguous share of `rows`, as `datasets.Dataset.shard(contiguous=True)` cuts it."""
+    size, extra = divmod(len(rows), processes)
+    start = index * size + min(index, extra)
+    return rows[start : start + size + (1 if index < extra else 0)]

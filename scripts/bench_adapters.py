@@ -93,8 +93,9 @@ def shared_base(work: Path) -> Path:
     return folder if (folder / "config.json").is_file() else shared_init(folder, minilm_path())
 
 
-def fine_tune(work: Path, data, base: Path, index: int, hp: dict, quick: bool) -> None:
-    """One LoRA run (peft) under the Trainer; `SoupCallback` puts its best adapter into the pantry."""
+def fine_tune(work: Path, data, base: Path, index: int, hp: dict, quick: bool, epochs: int | None = None) -> None:
+    """One LoRA run (peft) under the Trainer (`epochs` instead of the grid's); `SoupCallback` puts its best adapter
+    into the pantry."""
     import numpy as np
     import torch
     from peft import LoraConfig, get_peft_model
@@ -137,7 +138,7 @@ def fine_tune(work: Path, data, base: Path, index: int, hp: dict, quick: bool) -
         run_name=name,
         learning_rate=hp["learning_rate"],
         seed=hp["seed"],
-        num_train_epochs=1 if quick else hp["num_train_epochs"],
+        num_train_epochs=1 if quick else epochs or hp["num_train_epochs"],
         warmup_steps=0.1,
         weight_decay=0.01,
         per_device_train_batch_size=32,
@@ -337,6 +338,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=len(GRID))
     parser.add_argument("--sdist", type=Path, help="the vaderSentiment-3.3.2 sdist (else downloaded with pip)")
     parser.add_argument("--threads", type=int, help="torch threads per process (default: torch's)")
+    parser.add_argument("--train-rows", type=int, help="train each run on the first N training sentences only")
+    parser.add_argument("--epochs", type=int, help="epochs of every run instead of the grid's")
+    parser.add_argument("--train-only", action="store_true", help="stop after the runs (the pantry is complete)")
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     work = args.work.absolute()
@@ -349,8 +353,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     data = splits(work, SIZES["quick" if args.quick else "full"], args.sdist)
     base = shared_base(work)
+    train = data if args.train_rows is None else {**data, "train": data["train"].select(range(args.train_rows))}
     for index, hp in enumerate(GRID[: args.runs]):
-        fine_tune(work, data, base, index, hp, args.quick)
+        fine_tune(work, train, base, index, hp, args.quick, args.epochs)
+    if args.train_only:
+        return 0
     results = read_json(work / "results.json") or {}
     if "quality" not in results:
         results["quality"] = quality(work, data, base)

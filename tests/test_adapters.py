@@ -343,9 +343,11 @@ def evaluation(splits, **extra):
     return {"splits": splits, "selection_split": "validation", "report_splits": ["test", "shift"], **extra}
 
 
-def test_tasting_scores_adapters_as_their_merged_models(llama, tmp_path):
-    """One base holding all adapters, weighted at forward time, gives the merged models' outputs; learned-soup
-    gradients through the scalings match finite differences."""
+@pytest.mark.parametrize("mixing", ["in_place", "branches"])
+def test_tasting_scores_adapters_as_their_merged_models(llama, tmp_path, mixing):
+    """One base holding all adapters, the soup written into the base weights or weighted at forward time, gives the
+    merged models' outputs; learned-soup gradients (from the weights' gradient, or through the scalings) match
+    finite differences."""
     from datasets import Dataset
 
     from hf_soup.adapters import AdapterTasting
@@ -356,7 +358,9 @@ def test_tasting_scores_adapters_as_their_merged_models(llama, tmp_path):
     scorer = Scorer({"validation": data}, task="causal-lm", metric="loss", batch_size=2)
     adapters = [read_adapter(folder) for folder in folders]
     ingredients = [Ingredient.from_folder(folder) for folder in folders]
-    with AdapterTasting(ingredients, adapters, base, scorer, "validation") as tasting:
+    with AdapterTasting(ingredients, adapters, base, scorer, "validation", mixing=mixing) as tasting:
+        assert tasting.in_place == (set(tasting.layers) if mixing == "in_place" else set())
+        assert "model.embed_tokens" in tasting.layers  # an embedding LoRA, untied: written in place too
         for module, layer in tasting.layers.items():  # peft's own scalings = ours (rsLoRA, alpha_pattern)
             for i, adapter in enumerate(adapters):
                 if module in adapter.modules:
@@ -379,6 +383,102 @@ def test_tasting_scores_adapters_as_their_merged_models(llama, tmp_path):
             up, _ = tasting.backward(alpha + step, groups, batch, torch.tensor(1.0))
             down, _ = tasting.backward(alpha - step, groups, batch, torch.tensor(1.0))
             assert dots[0, i].item() == pytest.approx((up - down) / 2e-2, rel=2e-2, abs=1e-4)
+        assert tasting.learning_in_place == tasting.in_place
+        assert tasting.summary()["adapter_mixing"]["learning"]["in_place"] == len(tasting.in_place)
+
+
+def test_a_tied_embedding_keeps_its_branches(tmp_path):
+    """A LoRA on an embedding tied to the output layer changes only the lookup: writing its soup into the shared
+    weight would change the output layer too, so that module keeps branches (the others are written in place)."""
+    from datasets import Dataset
+
+    from hf_soup.adapters import AdapterTasting
+    from hf_soup.ingredient import Ingredient
+
+    make_model("llama", None, tie_word_embeddings=True).save_pretrained(tmp_path / "base")
+    settings = {"r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "embed_tokens"]}
+    folders = [make_adapter(tmp_path / "base", tmp_path / f"t{i}", seed=i, b_scale=0.5, **settings) for i in range(2)]
+    data = Dataset.from_dict({"input_ids": IDS.tolist(), "attention_mask": torch.ones_like(IDS).tolist()})
+    losses = {}
+    for mixing in ("in_place", "branches"):
+        scorer = Scorer({"validation": data}, task="causal-lm", metric="loss", batch_size=2)
+        adapters = [read_adapter(folder) for folder in folders]
+        ingredients = [Ingredient.from_folder(folder) for folder in folders]
+        with AdapterTasting(ingredients, adapters, tmp_path / "base", scorer, "validation", mixing=mixing) as tasting:
+            assert "model.embed_tokens" in tasting.layers and "model.embed_tokens" not in tasting.in_place
+            assert len(tasting.in_place) == (len(tasting.layers) - 1 if mixing == "in_place" else 0)
+            losses[mixing] = tasting.taste([0.3, 0.7])
+    assert losses["in_place"] == pytest.approx(losses["branches"], rel=1e-6)
+
+
+def test_in_place_and_branches_choose_the_same_greedy_and_learned_soups(trained, splits):
+    """Greedy and learned soups over adapters written in place give the same trace, choices, scores and learned
+    coefficients as with branches (to fp32 rounding), and the tasting records how it applied them."""
+    from hf_soup.adapters import AdapterTasting
+    from hf_soup.comparison import choose
+    from hf_soup.ingredient import Ingredient
+    from hf_soup.strategies.registry import get_strategy
+
+    base, folders = trained
+    records = {}
+    for mixing in ("in_place", "branches"):
+        adapters = [read_adapter(folder) for folder in folders]
+        ingredients = [Ingredient.from_folder(folder) for folder in folders]
+        with AdapterTasting(ingredients, adapters, base, Scorer(splits), "validation", mixing=mixing) as tasting:
+            _, greedy = choose(
+                get_strategy("greedy"), {}, tasting, seed=0, report_splits=["test", "shift"], compared=["uniform"]
+            )
+            learned_parameters = {"epochs": 2, "batch_size": 32, "granularity": "global"}
+            _, learned = choose(
+                get_strategy("learned"), learned_parameters, tasting, seed=0, report_splits=[], compared=[]
+            )
+            records[mixing] = greedy, learned, tasting.summary()["adapter_mixing"], len(tasting.layers)
+    (greedy, learned, mixed, count), (greedy_b, learned_b, branched, _) = records["in_place"], records["branches"]
+    assert [(s["id"], s["accepted"]) for s in greedy["strategy"]["trace"]] == [
+        (s["id"], s["accepted"]) for s in greedy_b["strategy"]["trace"]
+    ]
+    assert greedy["strategy"]["chosen"] == greedy_b["strategy"]["chosen"] == ["good_a", "good_b"]
+    for step, other in zip(greedy["strategy"]["trace"], greedy_b["strategy"]["trace"]):
+        assert step["score"] == pytest.approx(other["score"], abs=1e-9)
+    for row, scores in greedy["report"]["rows"].items():
+        assert scores == pytest.approx(greedy_b["report"]["rows"][row], abs=1e-9), row
+    assert learned["strategy"]["alpha"] == pytest.approx(learned_b["strategy"]["alpha"], abs=1e-5)
+    assert learned["strategy"]["loss_per_epoch"] == pytest.approx(learned_b["strategy"]["loss_per_epoch"], rel=1e-5)
+    assert mixed["mixing"] == "in_place" and mixed["scoring"]["in_place"] == mixed["learning"]["in_place"] == count
+    assert branched["scoring"]["branches"] == branched["learning"]["branches"] == count
+    assert branched["scoring"]["in_place"] == 0 and greedy["report"]["adapter_mixing"]["scoring"]["tokens"] == 96 * 8
+
+
+def test_each_module_tastes_the_cheaper_way_and_the_cook_records_it(trained, splits, tmp_path):
+    """Scoring writes the soup in place once the split has more tokens than about half the layer's width; learning
+    keeps branches while the ranks summed are small against the width. `auto` follows the costs, per module."""
+    from hf_soup.adapters.mixing import ModuleShape, costs, plan
+
+    square = ModuleShape(entries=384 * 384, branch=768, rank=48, in_place=True)
+    assert plan({"q": square}, 100, learning=False)[0] == set()  # 100 tokens < 384 · 384 / 768 · 49 / 48
+    assert plan({"q": square}, 300, learning=False)[0] == {"q"}
+    assert plan({"q": square}, 2048, learning=True)[0] == set()  # R = 48 < about 384 / 4
+    wide = ModuleShape(entries=384 * 384, branch=768, rank=192, in_place=True)
+    assert plan({"q": wide}, 2048, learning=True)[0] == {"q"}
+    tied = ModuleShape(entries=384 * 384, branch=768, rank=192, in_place=False)
+    assert plan({"q": tied}, 2048, learning=True, mixing="in_place")[0] == set()
+    chosen, record = plan({"q": square, "k": wide}, 2048, learning=True)
+    assert chosen == {"k"} and record["in_place"] == record["branches"] == 1
+    assert (
+        record["multiply_adds"]
+        == costs(square, 2048, learning=True)["branches"] + costs(wide, 2048, learning=True)["in_place"]
+    )
+    with pytest.raises(SoupError, match="adapter mixing 'inplace' .* is unknown; use auto, in_place, branches"):
+        plan({"q": square}, 1, learning=False, mixing="inplace")
+    base, folders = trained
+    soup = SoupBuilder(
+        folders, method="learned", epochs=1, batch_size=16, evaluation=evaluation(splits, compare=[])
+    ).cook(tmp_path / "soup", progress=False)
+    mixing = soup.record["report"]["adapter_mixing"]
+    modules = len(soup.record["ranks"])
+    assert mixing["mixing"] == "auto"
+    assert mixing["scoring"]["in_place"] == modules and mixing["scoring"]["tokens"] == 96 * 8
+    assert mixing["learning"]["branches"] == modules and mixing["learning"]["tokens"] == 16 * 8  # rank 6 ≪ width
 
 
 def test_tasting_mixes_heads_without_losing_any(bert):

@@ -198,6 +198,7 @@ def choose(recipe: Recipe, strategy, parameters, located, adapters, base_folder,
         selection.split,
         reuse_recorded=selection.reuse_recorded,
         trust_remote_code=recipe.trust_remote_code,
+        dtype=parse_dtype(selection.dtype),
         **selection.placement,
     ) as tasting:
         units, tasted = set(unit_names(adapters)), set(tasting.groups("layer"))

@@ -130,6 +130,10 @@ class Tasting:
                 lack = self.lacking.get(capability, f"{type(self).__name__} cannot {CAPABILITIES[capability]}")
                 raise SoupError(f"{who}: {why}, and {lack}")
 
+    def summary(self) -> dict[str, Any]:
+        """What the report records about this tasting: the resident model's dtype."""
+        return {"dtype": str(self.kitchen.dtype).removeprefix("torch.")}
+
     # -- writing candidates --------------------------------------------------------------------------------------
     def mix(self, coefficients: Coefficients) -> None:
         """Write Σᵢ cᵢ θᵢ into the resident model (per tensor; `coefficients` may depend on the tensor name)."""

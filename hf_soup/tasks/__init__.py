@@ -23,7 +23,7 @@ import torch
 
 from ..errors import SoupError, brief, did_you_mean
 from .audio import AUDIO_INPUTS, AudioClassification
-from .base import Batches, MetricFunction, Task, input_device
+from .base import Batches, MetricFunction, Task, column_lengths, input_device
 from .choices import MultipleChoice
 from .generation import CausalGeneration, Seq2SeqGeneration, answer_logits
 from .images import ImageClassification
@@ -39,6 +39,7 @@ __all__ = [
     "Task",
     "answer_logits",
     "collate",
+    "column_lengths",
     "flat",
     "get_task",
     "input_device",

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..errors import SoupError, brief, first_line
-from .base import Task, require_columns
+from .base import Task, column_lengths, require_columns
 from .logits import CLASS_METRICS, MetricFunction
 
 AUDIO_INPUTS = ("input_values", "input_features", "attention_mask")
@@ -72,6 +72,15 @@ class AudioClassification(Task):
                 "pip install torchcodec, or give decoded clips: {'array': [...], 'sampling_rate': ...} per row"
             ) from None
         return self.finish(processed, split=split, columns=columns)
+
+    def lengths(self, dataset) -> list[int] | None:
+        """Each clip's length along the axis its batch is padded on: samples (`input_values`) or frames
+        (`input_features` of extractors that pad them, e.g. Speech2Text's; Whisper's are all one length); `None`
+        when the extractor gives no `attention_mask` (wav2vec2-base style models see the zero padding)."""
+        column = next((c for c in ("input_values", "input_features") if c in dataset.column_names), None)
+        if column is None or "attention_mask" not in dataset.column_names:
+            return None
+        return column_lengths(dataset, column)
 
     def collate(self, tokenizer=None) -> Callable[[list[dict]], dict[str, torch.Tensor]]:
         """Batch clips with the feature extractor's `pad`; without one (inputs made by `evaluation.preprocess`), each

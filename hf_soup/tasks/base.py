@@ -17,7 +17,7 @@ import torch
 from ..errors import SoupError, brief
 from .logits import LOGIT_METRICS, Batches, MetricFunction
 
-__all__ = ["Batches", "MetricFunction", "Task", "input_device", "pad_sequences", "require_columns"]
+__all__ = ["Batches", "MetricFunction", "Task", "column_lengths", "input_device", "pad_sequences", "require_columns"]
 
 
 @dataclass(frozen=True)
@@ -131,6 +131,12 @@ class Task:
             dataset = dataset.rename_column(label, "labels")
         return dataset.select_columns([c for c in dataset.column_names if c in self.inputs or c == "labels"])
 
+    def lengths(self, dataset) -> list[int] | None:
+        """Each row's length along the axis its batch is padded on (tokens), so that rows of like length can be
+        batched together; `None` when batches are not padded (no `input_ids`: images) or when the model would see
+        the padding (no `attention_mask`), as then a row's outputs depend on the rows batched with it."""
+        return column_lengths(dataset, "input_ids") if "attention_mask" in dataset.column_names else None
+
     def collate(self, tokenizer=None) -> Callable[[list[dict]], dict[str, torch.Tensor]]:
         """Batch examples: token sequences right-padded (`input_ids` with the tokenizer's pad id), one label each."""
         pad_id = pad_token_id(tokenizer)
@@ -162,6 +168,19 @@ class Task:
         return torch.nn.functional.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100
         )
+
+
+def column_lengths(dataset, column: str) -> list[int] | None:
+    """The length of every row's `column` (a list per row), or `None` when the split has no such column."""
+    if column not in dataset.column_names:
+        return None
+    import pyarrow.compute
+
+    values = dataset.with_format("arrow")[column]
+    try:
+        return pyarrow.compute.list_value_length(values).to_pylist()
+    except (TypeError, ValueError, NotImplementedError, pyarrow.ArrowException):  # not an Arrow list column
+        return [len(value) for value in dataset[column]]
 
 
 def pad_token_id(tokenizer) -> int:

@@ -61,6 +61,12 @@ class MultipleChoice(Task):
         processed = dataset.map(tokenize, batched=True, remove_columns=kept)
         return self.finish(processed, split=split, columns=columns)
 
+    def lengths(self, dataset) -> list[int] | None:
+        """The longest choice sequence of each row (a batch is padded to the longest sequence in it)."""
+        if "input_ids" not in dataset.column_names or "attention_mask" not in dataset.column_names:
+            return None
+        return [max(len(sequence) for sequence in row) for row in dataset["input_ids"]]
+
     def collate(self, tokenizer=None) -> Callable[[list[dict]], dict[str, torch.Tensor]]:
         """Batch as `[B, C, T]`: every choice of every row right-padded to the longest sequence of the batch."""
         pad_id = pad_token_id(tokenizer)

@@ -129,16 +129,18 @@ class QuestionAnswering(Task):
         return span_loss(logits, labels)
 
     def answers(self, batches: Batches) -> dict[int, str]:
-        """The predicted answer text of every example the batches' features belong to."""
+        """The predicted answer text of every example the batches' features belong to, by example (on equal scores
+        the example's first feature wins, whatever order the features were scored in)."""
         features = self._bound.get("features", [])
-        best: dict[int, tuple[float, str]] = {}
+        best: dict[int, tuple[float, int, str]] = {}
         for logits, labels in batches:
             for row in range(labels.shape[0]):
-                example, offsets = features[int(labels[row, 2])]
+                feature = int(labels[row, 2])
+                example, offsets = features[feature]
                 score, text = best_span(logits[row, : len(offsets)], offsets, self._bound["examples"][example][0])
-                if example not in best or score > best[example][0]:
-                    best[example] = (score, text)
-        return {example: text for example, (score, text) in best.items()}
+                if example not in best or (score, -feature) > best[example][:2]:
+                    best[example] = (score, -feature, text)
+        return {example: best[example][2] for example in sorted(best)}
 
     def squad(self, batches: Batches) -> tuple[float, float]:
         """Exact match and F1 (fractions of the examples, SQuAD's normalisation) of the predicted answers."""
