@@ -10,13 +10,16 @@
    full models first (merging not counted), each a child process timing the cook alone: adapters with the automatic
    choice (`auto`), forced `in_place`, forced `branches` (the way before issue 20), and full models. Every
    individual is scored (no recorded scores) so that both sides do the same evaluations: 11 for greedy over 6.
+   With `--rounds N`, also one candidate (the uniform soup of all, through `taste_uniform` as greedy tastes it) and
+   one learned step (`backward`, 32 rows, by layer) timed in turn for each way in one process, N rounds after a
+   warm-up: on a shared machine the load then falls alike on every way.
 3. With `--before DIR` (a checkout of hf_soup before this change), the same cooks run with that code in child
    processes, and their traces and scores are compared with this code's.
 
 Usage::
 
     python scripts/bench_strategies.py --soups-work bench_work/soups --adapters-work bench_work/adapters \\
-        --work bench_work/strategies --repeat 3 --threads 1 --before /path/to/old/checkout
+        --work bench_work/strategies --repeat 3 --threads 1 --rounds 5 --before /path/to/old/checkout
 """
 
 from __future__ import annotations
@@ -64,10 +67,11 @@ def cook_greedy(pantry: Path, validation, out: Path) -> dict:
         out, overwrite=True, progress=False
     )
     seconds = time.perf_counter() - started
-    strategy = soup.record["strategy"]
-    trace = [(step["id"], step["score"], step["accepted"]) for step in strategy["trace"]]
-    return {"seconds": seconds, "trace": trace, "evaluations": strategy["evaluations"],
-            "dtype": soup.record["report"].get("dtype")}  # fmt: skip
+    strategy, report = soup.record["strategy"], soup.record["report"]
+    trace = [[step["id"], step["score"], step["accepted"]] for step in strategy["trace"]]
+    return {"seconds": seconds, "trace": trace, "evaluations": strategy["evaluations"], "dtype": report.get("dtype"),
+            "report": {name: scores["validation"] for name, scores in report["individuals"].items()}
+            | {"greedy": report["rows"]["greedy"]["validation"]}}  # fmt: skip
 
 
 def plain_greedy(pantry: Path, validation, out: Path) -> dict:
@@ -83,10 +87,10 @@ def plain_greedy(pantry: Path, validation, out: Path) -> dict:
     ingredients = shelf.list()
     folders = [shelf.location(i) for i in ingredients]
     tokenizer = AutoTokenizer.from_pretrained(folders[0])
-    encoded = tokenizer(validation["text"], truncation=True, max_length=MAX_LENGTH)
+    encoded = tokenizer(list(validation["text"]), truncation=True, max_length=MAX_LENGTH)
     lengths = [len(ids) for ids in encoded["input_ids"]]
     rows = sorted(range(len(lengths)), key=lambda row: -lengths[row])
-    labels = torch.tensor(validation["label"])
+    labels = torch.tensor(list(validation["label"]))
     batches = []
     for start in range(0, len(rows), BATCH_SIZE):
         chosen = rows[start : start + BATCH_SIZE]
@@ -113,20 +117,33 @@ def plain_greedy(pantry: Path, validation, out: Path) -> dict:
 
     ranking = sorted(range(len(ingredients)), key=lambda i: (-ingredients[i].value, i))
     best, kept = float(ingredients[ranking[0]].value), [ranking[0]]
-    trace = [(ingredients[ranking[0]].id, best, True)]
+    trace = [[ingredients[ranking[0]].id, best, True]]
     scoring = 0.0
     for candidate in ranking[1:]:
         state = uniform([*kept, candidate])
         tick = time.perf_counter()
         score = accuracy(state)
         scoring += time.perf_counter() - tick
-        trace.append((ingredients[candidate].id, score, score >= best))
+        trace.append([ingredients[candidate].id, score, score >= best])
         if score >= best:
             kept, best = [*kept, candidate], score
+    greedy_seconds = time.perf_counter() - started
+    # what the cook's report scores on the selection split: every individual, and the soup served as weights 1/n
+    report = {ingredient.id: accuracy(state) for ingredient, state in zip(ingredients, states)}
+    soup = {}
+    for name, tensor in states[kept[0]].items():
+        if tensor.is_floating_point():
+            soup[name] = states[kept[0]][name].float() * (1 / len(kept))
+            for i in kept[1:]:
+                soup[name].add_(states[i][name].float(), alpha=1 / len(kept))
+        else:
+            soup[name] = tensor
+    report["greedy"] = accuracy(soup)
     model.load_state_dict(uniform(kept), strict=False)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    return {"seconds": time.perf_counter() - started, "scoring_seconds": scoring, "trace": trace}
+    return {"seconds": time.perf_counter() - started, "greedy_seconds": greedy_seconds, "scoring_seconds": scoring,
+            "trace": trace, "report": report}  # fmt: skip
 
 
 def greedy_rounds(args) -> dict:
@@ -137,7 +154,8 @@ def greedy_rounds(args) -> dict:
     validation = in_memory(args.soups_work / "data" / "splits", "validation")
     work = args.work / "greedy"
     results = {"cook": [], "plain": []}
-    cook_greedy(pantry, validation, work / "warm")  # warm-up: imports, page cache, first-call costs
+    plain_greedy(pantry, validation, work / "warm-plain")  # warm-up: imports, page cache, first-call costs
+    cook_greedy(pantry, validation, work / "warm")
     for _ in range(args.repeat):
         results["cook"].append(cook_greedy(pantry, validation, work / "cook"))
         results["plain"].append(plain_greedy(pantry, validation, work / "plain"))
@@ -234,6 +252,66 @@ def adapter_rounds(args) -> dict:
     return results
 
 
+def interleaved(args) -> dict:
+    """One candidate and one learned step, timed in turn for each way, round after round in one process, so that
+    the load of a shared machine falls alike on all: adapters in place, adapters with branches, merged full models."""
+    import torch
+
+    from hf_soup import Pantry, Scorer
+    from hf_soup.adapters import AdapterTasting, read_adapter
+    from hf_soup.checkpoint import CheckpointReader
+    from hf_soup.ingredient import Ingredient
+    from hf_soup.kitchen import Kitchen
+    from hf_soup.strategies import Tasting
+
+    torch.set_num_threads(args.threads)
+    merged_models(args)
+    validation = in_memory(args.adapters_work / "data" / "splits", "validation")
+    shelf = Pantry(args.adapters_work / "pantry")
+    folders = [shelf.location(i) for i in shelf.list()]
+    full = sorted((args.work / "merged").iterdir())
+    base = args.adapters_work / "base"
+    from transformers import AutoTokenizer
+
+    def scorer():
+        return Scorer({"validation": validation}, tokenizer=AutoTokenizer.from_pretrained(base),
+                      max_length=MAX_LENGTH, batch_size=BATCH_SIZE)  # fmt: skip
+
+    tastings = {
+        mixing: AdapterTasting([Ingredient.from_folder(f) for f in folders], [read_adapter(f) for f in folders], base,
+                               scorer(), "validation", mixing=mixing)
+        for mixing in ("in_place", "branches")
+    }  # fmt: skip
+    readers = [CheckpointReader(folder) for folder in full]
+    full_scorer = scorer()
+    tastings["full"] = Tasting([Ingredient.from_folder(f) for f in full], readers,
+                               Kitchen(full[0], full_scorer.task), full_scorer, "validation")  # fmt: skip
+    weights = [1.0 / len(folders)] * len(folders)  # the uniform soup of all: one candidate of the greedy soup
+    data = full_scorer.split("validation")
+    batch = full_scorer.collator([data[i] for i in range(LEARNED["batch_size"])])
+    times: dict[str, dict[str, list[float]]] = {"candidate": {}, "learned step": {}}
+    scores: dict[str, list[float]] = {}
+    for round_ in range(args.rounds + 1):  # round 0 warms up
+        names = list(tastings)
+        names = names[round_ % len(names) :] + names[: round_ % len(names)]
+        for name in names:
+            tasting = tastings[name]
+            started = time.perf_counter()
+            score = tasting.taste_uniform(list(range(len(weights))))  # full models: greedy's running sum, kept
+            candidate = time.perf_counter() - started
+            groups = tasting.groups("layer")
+            alpha = torch.full((max(groups.values()) + 1, len(weights)), 1.0 / len(weights))
+            started = time.perf_counter()
+            loss, _ = tasting.backward(alpha, groups, batch, torch.tensor(1.0))
+            step = time.perf_counter() - started
+            if round_:
+                times["candidate"].setdefault(name, []).append(candidate)
+                times["learned step"].setdefault(name, []).append(step)
+                scores.setdefault(name, []).append(score)
+    plans = {name: tastings[name].summary().get("adapter_mixing") for name in ("in_place", "branches")}
+    return {"times": times, "scores": scores, "plans": plans, "rows": len(data)}
+
+
 # -- report --------------------------------------------------------------------------------------------------------
 def median(runs: list[dict], key: str = "seconds") -> float:
     return statistics.median(run[key] for run in runs)
@@ -245,17 +323,32 @@ def markdown(results: dict) -> str:
     if greedy:
         cook, plain = median(greedy["cook"]), median(greedy["plain"])
         lines += ["| greedy, issue 4 pantry | seconds (median) | all runs | × plain loop |", "|---|---:|---|---:|"]
-        for name, runs in (("hf-soup cook", greedy["cook"]), ("plain PyTorch loop", greedy["plain"])):
-            every = " / ".join(f"{r['seconds']:.1f}" for r in runs)
-            lines.append(f"| {name} | {median(runs):.1f} | {every} | {median(runs) / plain:.3f} |")
+        rows = [("hf-soup cook (7 candidates + the report's 9 evaluations)", greedy["cook"], "seconds"),
+                ("plain PyTorch loop, the same 16 evaluations", greedy["plain"], "seconds"),
+                ("plain PyTorch loop, the 7 greedy candidates only", greedy["plain"], "greedy_seconds")]  # fmt: skip
+        for name, runs, key in rows:
+            every = " / ".join(f"{r[key]:.1f}" for r in runs)
+            lines.append(f"| {name} | {median(runs, key):.1f} | {every} | {median(runs, key) / plain:.3f} |")
         rounds = ", ".join(f"{c['seconds'] / p['seconds']:.3f}" for c, p in zip(greedy["cook"], greedy["plain"]))
         lines.append(f"\ncook / plain loop per round: {rounds}; of the medians: {cook / plain:.3f}")
-        same = all(c["trace"] == p["trace"] for c, p in zip(greedy["cook"], greedy["plain"]))
+        same = all(
+            c["trace"] == p["trace"] and c["report"] == p["report"] for c, p in zip(greedy["cook"], greedy["plain"])
+        )
         lines.append(f"same trace and accuracies as the plain loop: {same}")
         for before in greedy.get("before", []):
-            lines.append(
-                f"same trace and accuracies as the code before: {before['trace'] == greedy['cook'][0]['trace']}"
-            )
+            same = before["trace"] == greedy["cook"][0]["trace"] and before["report"] == greedy["cook"][0]["report"]
+            lines.append(f"same trace and accuracies as the code before: {same}")
+    turns = results.get("interleaved")
+    if turns:
+        header = f"| interleaved ({turns['rows']} rows) | way | seconds (median) | × full models (median of rounds) |"
+        lines += ["", header, "|---|---|---:|---:|"]
+        for what, ways in turns["times"].items():
+            for name, seconds in ways.items():
+                ratios = [a / b for a, b in zip(seconds, ways["full"])]
+                lines.append(
+                    f"| {what} | {name} | {statistics.median(seconds):.2f} | {statistics.median(ratios):.3f} |"
+                )
+        lines.append(f"scores of the candidate: {json.dumps({k: v[0] for k, v in turns['scores'].items()})}")
     adapters = results.get("adapters")
     if adapters:
         lines += ["", "| strategy | contender | seconds (median) | all runs | × full models | peak RSS MB | score |",
@@ -270,7 +363,21 @@ def markdown(results: dict) -> str:
                     f"| {strategy} | {contender} | {median(runs):.1f} | {every} | {median(runs) / full:.3f} | "
                     f"{median(runs, 'peak_rss_mb'):.0f} | {runs[0]['score']:.4f} |"
                 )
+        for strategy in ("greedy", "learned"):
+            ours = adapters[f"adapter-{strategy}-auto"][0]
+            for contender, runs in adapters.items():
+                if contender.startswith(f"adapter-{strategy}-") and contender != f"adapter-{strategy}-auto":
+                    lines.append(f"{contender} against auto: {agreement(ours, runs[0])}")
     return "\n".join(lines)
+
+
+def agreement(ours: dict, theirs: dict) -> str:
+    """How two cooks' choices compare: the same trace (ids, accepted), and the largest score or coefficient gap."""
+    same = [step[::2] for step in ours["trace"]] == [step[::2] for step in theirs["trace"]]
+    gaps = [abs(a[1] - b[1]) for a, b in zip(ours["trace"], theirs["trace"])] + [abs(ours["score"] - theirs["score"])]
+    if ours.get("alpha_mean"):
+        gaps += [abs(a - b) for a, b in zip(ours["alpha_mean"], theirs["alpha_mean"])]
+    return f"same trace {same}, largest gap in scores and mean coefficients {max(gaps):.2e}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -281,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--before", type=Path, help="a checkout of hf_soup before issue 20, to compare outputs")
+    parser.add_argument("--rounds", type=int, default=0, help="rounds of the interleaved adapter timing (0: none)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.work = args.work.absolute()
@@ -292,6 +400,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.soups_work and "greedy" not in results:
         results["greedy"] = greedy_rounds(args)
         results_file.parent.mkdir(parents=True, exist_ok=True)
+        results_file.write_text(json.dumps(results, indent=1) + "\n")
+    if args.adapters_work and args.rounds and "interleaved" not in results:
+        results["interleaved"] = interleaved(args)
         results_file.write_text(json.dumps(results, indent=1) + "\n")
     if args.adapters_work and "adapters" not in results:
         results["adapters"] = adapter_rounds(args)

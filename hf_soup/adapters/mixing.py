@@ -5,15 +5,19 @@ W + Σᵢ cᵢ Bᵢ Aᵢ (cᵢ = wᵢ sᵢ) two ways:
 
 - **in place**: ΔW = Σᵢ cᵢ Bᵢ Aᵢ is formed once (R·out·in multiply-adds) and W + ΔW is written into the base weight,
   so every token then costs one dense product, as in a full model;
-- **branches**: W x + Σᵢ cᵢ Bᵢ (Aᵢ x) for every token, R·(in + out) extra multiply-adds per token.
+- **branches**: W x + Σᵢ cᵢ Bᵢ (Aᵢ x) for every token: R·(in + out) extra multiply-adds per token, and for each of
+  the k adapters elementwise passes over the `out` outputs (scale, add; in a backward pass also the scaling's
+  gradient), which run far below a matrix product's speed (`ELEMENTWISE`).
 
 Scoring forms ΔW once per candidate for the whole split, so in place wins as soon as the split has more tokens than
-out·in / (in + out), about half the layer's width: almost always. A learned soup needs the gradient with respect to
-the coefficients at every step: in place it comes from the weight's gradient (out·in per token, plus forming ΔW and
-the k dot products ⟨∂L/∂W, sᵢ Bᵢ Aᵢ⟩, 2·R·out·in per step); with branches from the branches' own backward (twice
-their forward). So for learning, branches win while the ranks summed are small against the layer's width
-(R ≲ out·in / (2·(in + out))) and in place wins beyond. An embedding's branch costs R·(1 + out) per token (its A is
-a lookup). The plan is made per module (`plan`) and recorded in the report.
+about half the layer's width: almost always. A learned soup needs the gradient with respect to the coefficients at
+every step: in place it comes from the weight's gradient (out·in per token, plus forming ΔW and the k dot products
+⟨∂L/∂W, sᵢ Bᵢ Aᵢ⟩ per step); with branches from the branches' own backward. So for learning, branches win while the
+adapters are few and the ranks summed small against a wide layer (a 4096-wide model with two rank-16 adapters), and
+in place wins for narrower layers or more adapters (MiniLM's 384 with six rank-8 adapters: measured 16 % faster per
+step than branches in `scripts/bench_strategies.py`, where counting multiply-adds alone predicted branches). An
+embedding's branch costs R·(1 + out) per token (its A is a lookup). The plan is made per module (`plan`) and
+recorded in the report.
 """
 
 from __future__ import annotations
@@ -26,6 +30,13 @@ from ..errors import SoupError, brief, did_you_mean
 MIXINGS = ("auto", "in_place", "branches")
 
 
+# Multiply-adds that one elementwise pass over one activation entry costs, against a matrix product's: such passes
+# are bound by memory, not arithmetic. Calibrated with `scripts/bench_strategies.py --rounds` (2 CPU cores, MiniLM).
+ELEMENTWISE = 16
+# Elementwise passes per adapter and output entry: forward (scale, add), and forward + backward for a learned step.
+PASSES = {"scoring": 2, "learning": 6}
+
+
 @dataclass(frozen=True)
 class ModuleShape:
     """What the cost of one LoRA module depends on.
@@ -34,6 +45,8 @@ class ModuleShape:
         entries (`int`): entries of the base weight (out × in; × kernel size for a convolution).
         branch (`int`): multiply-adds per token of one rank-1 branch (in + out; 1 + out for an embedding).
         rank (`int`): the ranks of the adapters on this module, summed (R = Σᵢ rᵢ).
+        adapters (`int`): the adapters on this module (k).
+        out (`int`): outputs per token (out features, channels, or the embedding's width).
         in_place (`bool`): whether the soup can be written into the base weight (a plain resident weight, tied to
             no other).
     """
@@ -41,18 +54,24 @@ class ModuleShape:
     entries: int
     branch: int
     rank: int
+    adapters: int
+    out: int
     in_place: bool
 
 
 def costs(shape: ModuleShape, tokens: int, *, learning: bool) -> dict[str, int]:
-    """Multiply-adds of tasting one module in place and with branches, for `tokens` tokens per formed soup (the
-    whole split when scoring, one batch per step when learning)."""
-    if learning:
+    """Multiply-adds (elementwise passes weighted by `ELEMENTWISE`) of tasting one module in place and with
+    branches, for `tokens` tokens per formed soup (the whole split when scoring, one batch per step when learning)."""
+    elementwise = ELEMENTWISE * shape.adapters * shape.out * PASSES["learning" if learning else "scoring"]
+    if learning:  # the weight's gradient, ΔW and the k dot products; the branches forward and backward
         return {
-            "in_place": tokens * shape.entries + 2 * shape.rank * shape.entries,
-            "branches": 2 * tokens * shape.rank * shape.branch,
+            "in_place": (tokens + 2 * shape.rank + 4 * ELEMENTWISE) * shape.entries,
+            "branches": tokens * (2 * shape.rank * shape.branch + elementwise),
         }
-    return {"in_place": (shape.rank + 1) * shape.entries, "branches": tokens * shape.rank * shape.branch}
+    return {
+        "in_place": (shape.rank + 3 * ELEMENTWISE) * shape.entries,  # ΔW, then add W, write
+        "branches": tokens * (shape.rank * shape.branch + elementwise),
+    }
 
 
 def plan(

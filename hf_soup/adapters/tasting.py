@@ -155,6 +155,8 @@ class AdapterTasting(Tasting):
                     entries=weight.numel() if weight is not None else 0,
                     branch=_branch_cost(module, weight, embedding=isinstance(module, Embedding)),
                     rank=sum(int(module.r[a]) for a in self.scalings[name]),
+                    adapters=len(self.scalings[name]),
+                    out=_outputs(weight, embedding=isinstance(module, Embedding)),
                     in_place=writable,
                 )
             elif isinstance(module, ModulesToSaveWrapper):
@@ -333,6 +335,13 @@ def _branch_cost(module, weight: torch.Tensor | None, *, embedding: bool) -> int
     if embedding:
         return 1 + weight.shape[1]
     return weight.shape[0] + weight[0].numel()
+
+
+def _outputs(weight: torch.Tensor | None, *, embedding: bool) -> int:
+    """Outputs per token of a LoRA module's base layer: out features or channels, an embedding's width."""
+    if weight is None:
+        return 0
+    return weight.shape[1] if embedding else weight.shape[0]
 
 
 def _split_tokens(scorer: Scorer, split: str) -> int:
