@@ -22,7 +22,7 @@ from .inspection import task_vector_geometry
 from .jsonfile import read_model_file
 from .merge import Parameters, Plan, device_record, merge_device, plan_soup, stream_merge
 from .methods import Method, get_method
-from .preparation import Located, Selection, locate, open_kitchen, prepare_scorer, saved_processing_class
+from .preparation import Located, Selection, locate, open_kitchen, prepare_scorer
 from .recipe import Recipe, load_recipe, lookup
 from .schedules import per_tensor
 from .scoring import Scorer
@@ -262,11 +262,9 @@ class SoupBuilder:
             )
 
     def _scorer(self, located, scorer, vocabulary) -> Scorer:
-        """The scorer given, or the recipe's, with the soup's tokenizer (the union's, when vocabularies differ)."""
+        """The scorer given, or the recipe's, reading rows with the soup's tokenizer (`prepare_scorer`)."""
         recipe = self.recipe
-        if vocabulary is not None:
-            return prepare_scorer(recipe, vocabulary.tokenizer, scorer)
-        return prepare_scorer(recipe, saved_processing_class(recipe, recipe.base_model or located[0].folder), scorer)
+        return prepare_scorer(recipe, recipe.base_model or located[0].folder, vocabulary=vocabulary, scorer=scorer)
 
 
 def _overrides(vocabulary) -> dict[str, Any] | None:

@@ -10,7 +10,7 @@ Example:
 ```python
 >>> recipe = load_recipe("recipes/greedy.yaml")
 >>> located = locate(recipe)                       # [Located(ingredient, folder), ...]
->>> scorer = prepare_scorer(recipe, saved_processing_class(recipe, located[0].folder))
+>>> scorer = prepare_scorer(recipe, located[0].folder)
 >>> selection = Selection.of(recipe.evaluation, scorer)
 ```
 """
@@ -108,14 +108,17 @@ def saved_processing_class(recipe: Recipe, *folders: Path | None):
     return saved_tokenizer(*folders)
 
 
-def prepare_scorer(recipe: Recipe, tokenizer, scorer: Scorer | None = None) -> Scorer:
-    """The scorer given from Python, or the one the recipe's `evaluation:` section describes (`tokenizer`: from
-    `saved_processing_class`)."""
+def prepare_scorer(recipe: Recipe, *folders: Path | None, vocabulary=None, scorer: Scorer | None = None) -> Scorer:
+    """The scorer given from Python, or the one the recipe's `evaluation:` section describes, reading raw rows with
+    the soup's processing class: the merged vocabulary's tokenizer when the recipe has one (`vocabulary`, a
+    `hf_soup.vocabulary` choice), else the one saved in the first of `folders` that has one
+    (`saved_processing_class`)."""
     if scorer is not None:
         return scorer
     if recipe.evaluation is None:
         raise SoupError(f"{recipe.source}: this recipe scores models on data; add an `evaluation:` section")
-    return recipe.evaluation.scorer(tokenizer)
+    processing = vocabulary.tokenizer if vocabulary is not None else saved_processing_class(recipe, *folders)
+    return recipe.evaluation.scorer(processing)
 
 
 @dataclass(frozen=True)

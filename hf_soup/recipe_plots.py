@@ -29,7 +29,7 @@ from .plots import (
     plot_landscape,
     task_vector_angles,
 )
-from .preparation import Selection, locate, open_kitchen, prepare_scorer, saved_processing_class
+from .preparation import Selection, locate, open_kitchen, prepare_scorer
 from .recipe import Recipe, load_recipe
 from .record import NAME as RECORD_NAME
 from .strategies import Tasting
@@ -53,11 +53,11 @@ def recipe_tasting(recipe: Recipe, base: str | Path | None = None) -> Iterator[T
         vocabulary, _ = prepare_vocabulary(
             recipe.tokenizer, readers, reader, source=recipe.source, trust_remote_code=recipe.trust_remote_code
         )
-        tokenizer, overrides = saved_processing_class(recipe, recipe.base_model or folders[0]), None
+        overrides = None
         if vocabulary is not None:
             readers, reader = vocabulary.align(readers, reader)
-            tokenizer, overrides = vocabulary.tokenizer, vocabulary.config_overrides()
-        scorer = prepare_scorer(recipe, tokenizer)
+            overrides = vocabulary.config_overrides()
+        scorer = prepare_scorer(recipe, recipe.base_model or folders[0], vocabulary=vocabulary)
         selection = Selection.of(recipe.evaluation, scorer)
         kitchen = stack.enter_context(open_kitchen(recipe, folders[0], scorer, selection, overrides))
         ingredients = [i for i, _ in located]

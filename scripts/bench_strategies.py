@@ -19,7 +19,8 @@
 Usage::
 
     python scripts/bench_strategies.py --soups-work bench_work/soups --adapters-work bench_work/adapters \\
-        --work bench_work/strategies --repeat 3 --threads 1 --rounds 5 --before /path/to/old/checkout
+        --work bench_work/strategies --repeat 3 --threads 1 --rounds 5 --before /path/to/old/checkout \\
+        --mixings auto --once branches
 """
 
 from __future__ import annotations
@@ -240,12 +241,15 @@ def adapter_rounds(args) -> dict:
     merged_models(args)
     contenders = []
     for strategy in ("greedy", "learned"):
-        contenders += [f"adapter-{strategy}-{mixing}" for mixing in ("auto", "in_place", "branches")]
+        contenders += [f"adapter-{strategy}-{mixing}" for mixing in args.mixings.split(",")]
         contenders.append(f"full-{strategy}")
     results: dict[str, list] = {c: [] for c in contenders}
     for _ in range(args.repeat):
         for contender in contenders:
             results[contender].append(child(args, contender))
+    for strategy in ("greedy", "learned"):  # the way before issue 20, once for reference
+        if args.once:
+            results[f"adapter-{strategy}-{args.once}"] = [child(args, f"adapter-{strategy}-{args.once}")]
     if args.before:
         for strategy in ("greedy", "learned"):
             results[f"adapter-{strategy}-before"] = [child(args, f"adapter-{strategy}-before", args.before)]
@@ -389,6 +393,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--before", type=Path, help="a checkout of hf_soup before issue 20, to compare outputs")
     parser.add_argument("--rounds", type=int, default=0, help="rounds of the interleaved adapter timing (0: none)")
+    parser.add_argument("--mixings", default="auto,in_place,branches", help="adapter ways timed every round")
+    parser.add_argument("--once", help="an adapter way timed once after the rounds, for reference (e.g. branches)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.work = args.work.absolute()

@@ -15,7 +15,7 @@ from ..compat import check_configs
 from ..errors import SoupError
 from ..merge import device_record
 from ..methods.registry import Declaration
-from ..preparation import Located, Selection, prepare_scorer, saved_processing_class
+from ..preparation import Located, Selection, prepare_scorer
 from ..recipe import Recipe, lookup
 from ..scoring import Scorer
 from ..soup import Soup, copy_side_files, staged_soup
@@ -187,7 +187,7 @@ def _notes(adapters: list[Adapter], weights, output: str, approximation: dict[st
 def choose(recipe: Recipe, strategy, parameters, located, adapters, base_folder, scorer):
     """Run a strategy on one base model holding every adapter; returns its result and the record (as the builder
     does for full models)."""
-    scorer = prepare_scorer(recipe, saved_processing_class(recipe, Path(base_folder), located[0].folder), scorer)
+    scorer = prepare_scorer(recipe, Path(base_folder), located[0].folder, scorer=scorer)
     _check_task(adapters, scorer)
     selection = Selection.of(recipe.evaluation, scorer)
     with AdapterTasting(
