@@ -151,12 +151,13 @@ class AdapterTasting(Tasting):
                 )
                 if writable:
                     self.bases[name] = (key, reader.get(key).to(device=weight.device, copy=True))
+                reads, out = _branch_widths(weight, embedding=isinstance(module, Embedding))
                 self.shapes[name] = ModuleShape(
                     entries=weight.numel() if weight is not None else 0,
-                    branch=_branch_cost(module, weight, embedding=isinstance(module, Embedding)),
+                    branch=reads + out,
                     rank=sum(int(module.r[a]) for a in self.scalings[name]),
                     adapters=len(self.scalings[name]),
-                    out=_outputs(weight, embedding=isinstance(module, Embedding)),
+                    out=out,
                     in_place=writable,
                 )
             elif isinstance(module, ModulesToSaveWrapper):
@@ -327,21 +328,14 @@ class AdapterTasting(Tasting):
         return loss.item(), dots
 
 
-def _branch_cost(module, weight: torch.Tensor | None, *, embedding: bool) -> int:
-    """Multiply-adds per token of one rank-1 branch of a LoRA module: in + out (an embedding's A is a lookup: 1 +
-    out)."""
+def _branch_widths(weight: torch.Tensor | None, *, embedding: bool) -> tuple[int, int]:
+    """Multiply-adds per token of a rank-1 branch of a LoRA module, as (A's, B's): in features (× kernel size) and
+    out features or channels; an embedding's A is a lookup (1) and its B writes the embedding's width."""
     if weight is None:
-        return 0
+        return 0, 0
     if embedding:
-        return 1 + weight.shape[1]
-    return weight.shape[0] + weight[0].numel()
-
-
-def _outputs(weight: torch.Tensor | None, *, embedding: bool) -> int:
-    """Outputs per token of a LoRA module's base layer: out features or channels, an embedding's width."""
-    if weight is None:
-        return 0
-    return weight.shape[1] if embedding else weight.shape[0]
+        return 1, weight.shape[1]
+    return weight[0].numel(), weight.shape[0]
 
 
 def _split_tokens(scorer: Scorer, split: str) -> int:
