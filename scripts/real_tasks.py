@@ -93,10 +93,10 @@ def fetch_debs(cache: Path) -> Path:
 
 
 def write_lines(path: Path, rows: list) -> None:
-    """JSON lines, written to a temporary file then renamed (a killed run leaves no half file)."""
-    partial = path.with_suffix(".partial")
-    partial.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-    partial.replace(path)
+    """JSON lines, written atomically (`hf_soup.atomic.write_text`: a killed run leaves no half file)."""
+    from hf_soup.atomic import write_text
+
+    write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def read_lines(path: Path) -> list:
